@@ -54,7 +54,9 @@ def _as_grid(input_size: int | Sequence[int]) -> tuple[int, int]:
         try:
             height, width = (int(v) for v in input_size)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"input_size must be an int or a (height, width) pair, got {input_size!r}") from exc
+            raise ValueError(
+                f"input_size must be an int or a (height, width) pair, got {input_size!r}"
+            ) from exc
     if height <= 0 or width <= 0:
         raise ValueError(f"input_size must be positive, got ({height}, {width})")
     return height, width
@@ -202,14 +204,10 @@ class BlockMaskingGenerator:
 
     def __repr__(self) -> str:
         # Same fields as the official repr, whose "max" is the total count.
-        return "BlockMaskingGenerator(%d, %d -> [%d ~ %d], max = %d, %.3f ~ %.3f)" % (
-            self.height,
-            self.width,
-            self.min_num_patches,
-            self.max_num_patches,
-            self.num_masking_patches,
-            self.log_aspect_ratio[0],
-            self.log_aspect_ratio[1],
+        lo, hi = self.log_aspect_ratio
+        return (
+            f"BlockMaskingGenerator({self.height}, {self.width} -> [{self.min_num_patches} ~ "
+            f"{self.max_num_patches}], max = {self.num_masking_patches}, {lo:.3f} ~ {hi:.3f})"
         )
 
     def get_shape(self) -> tuple[int, int]:

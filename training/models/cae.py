@@ -308,8 +308,11 @@ class CAE(nn.Module):
             cfg = CAEConfig.from_dict({**cfg.to_dict(), **overrides})
         self.cfg = cfg
         dd = cfg.decoder_embed_dim
-        self.register_buffer("rd_pos_embed", build_2d_sincos_position_embedding(cfg.grid_size, dd), persistent=True)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        if not cfg.encoder_only:
+            self.register_buffer("rd_pos_embed", build_2d_sincos_position_embedding(cfg.grid_size, dd))
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        else:
+            self.rd_pos_embed = self.mask_token = None
         self.encoder = Encoder(cfg)
         if cfg.encoder_only:
             self.encoder_to_regresser = self.encoder_to_regresser_norm = self.regresser = self.decoder = None
@@ -341,7 +344,8 @@ class CAE(nn.Module):
         if conv.bias is not None:
             nn.init.zeros_(conv.bias)
         nn.init.trunc_normal_(self.encoder.cls_token, std=0.02, a=-0.02, b=0.02)
-        nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        if self.mask_token is not None:
+            nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     # ------------------------------------------------------------------ properties
     @property

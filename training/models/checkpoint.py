@@ -269,16 +269,26 @@ def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
     return len(idx)
 
 
-def _heads_for_width(width: int, attn_width: int, candidates: list[int | None]) -> int:
-    """The first candidate head count consistent with the attention width ``heads * (width // heads)``."""
-    for h in candidates:
+def _heads_for_width(width: int, attn_width: int, candidates: list[tuple[int | None, str]], what: str) -> int:
+    """The first candidate head count consistent with the attention width ``heads * (width // heads)``.
+
+    Candidates are (heads, where it came from); a guess (anything not explicit or official) is logged.
+    """
+    tried = list(candidates) + [(width // hd, f"head_dim {hd} guess") for hd in (64, 32, 16, 8) if width % hd == 0]
+    for h, source in tried:
         if h and h > 0 and width // h > 0 and h * (width // h) == attn_width:
+            if "guess" in source or "args.decoder_num_heads" in source:
+                _logger.warning(
+                    "%s heads are not recorded in the checkpoint; using %d (%s). Pass num_heads=/"
+                    "decoder_num_heads= (--num-heads/--decoder-num-heads) if that is wrong.",
+                    what, h, source,
+                )
             return h
-    for head_dim in (64, 32, 16, 8):  # last resort: a conventional head size
-        h = width // head_dim
-        if h > 0 and width % head_dim == 0 and h * head_dim == attn_width:
-            return h
-    raise CheckpointError(f"cannot infer the number of heads for width {width} (attention width {attn_width})")
+    raise CheckpointError(f"cannot infer the number of {what} heads for width {width} (attention width {attn_width})")
+
+
+def cfg_has_decoder_gamma(sd: Mapping[str, Tensor]) -> bool:
+    return "decoder.decoder_blocks.0.gamma_1" in sd or not any(k.startswith("decoder.decoder_blocks.") for k in sd)
 
 
 def infer_config(
@@ -313,12 +323,15 @@ def infer_config(
     # custom builders (like the fixture's) pass one count to both encoder and decoder, saved as
     # args.decoder_num_heads.
     dec_heads_arg = args.get("decoder_num_heads")
-    enc_candidates = [overrides.pop("num_heads", None), args.get("num_heads")]
+    enc_candidates = [(overrides.pop("num_heads", None), "given"), (args.get("num_heads"), "args.num_heads")]
     if is_official_name:
-        enc_candidates.append(official_num_heads(d, name))
+        enc_candidates.append((official_num_heads(d, name), f"official {name}"))
     else:
-        enc_candidates += [dec_heads_arg, official_num_heads(d, None)]
-    num_heads = _heads_for_width(d, attn_w, enc_candidates)
+        enc_candidates += [
+            (dec_heads_arg, "args.decoder_num_heads, as custom builders pass one count to both"),
+            (official_num_heads(d, None), f"official size of width {d}, a guess"),
+        ]
+    num_heads = _heads_for_width(d, attn_w, enc_candidates, "encoder")
     if attn_w != d and num_heads * (d // num_heads) != attn_w:
         raise CheckpointError(f"unsupported encoder attention width {attn_w} for D={d}")
 
@@ -343,9 +356,12 @@ def infer_config(
     else:
         dd = sd["regresser.norm.weight"].shape[0]
         dec_attn_w = sd["regresser.regressor_blocks.0.cross_attn.q.weight"].shape[0]
-        dec_candidates = [overrides.pop("decoder_num_heads", None)]
-        dec_candidates += [12] if is_official_name else [dec_heads_arg, 12]
-        dec_heads = _heads_for_width(dd, dec_attn_w, dec_candidates)
+        dec_candidates = [(overrides.pop("decoder_num_heads", None), "given")]
+        if is_official_name:  # the official model ignores --decoder_num_heads: always 12
+            dec_candidates.append((12, "official constructor default"))
+        else:
+            dec_candidates += [(dec_heads_arg, "args"), (12, "official constructor default, a guess")]
+        dec_heads = _heads_for_width(dd, dec_attn_w, dec_candidates, "regressor/decoder")
         dec_hidden = sd["regresser.regressor_blocks.0.mlp_cross.fc1.weight"].shape[0]
         head_w = sd.get("decoder.head.weight")
         if head_w is None:
@@ -358,6 +374,10 @@ def infer_config(
             decoder_mlp_ratio=dec_hidden / dd,
             decoder_mlp_hidden_dim=dec_hidden if int(dd * (dec_hidden / dd)) != dec_hidden else None,
             use_projection="encoder_to_regresser.weight" in sd,
+            # official decoder blocks have no gammas when their init is 0 (regressor gammas always exist)
+            decoder_layer_scale_init_value=0.1
+            if cfg_has_decoder_gamma(sd)
+            else 0.0,
             vocab_size=head_w.shape[0],
             target="dalle",
             align_loss_weight=float(args.get("align_loss_weight", 2.0)),
@@ -393,6 +413,13 @@ def load_state_dict_any(path: str | Path, **overrides: Any) -> tuple[CAEConfig, 
     """Read an official, mmpretrain or encoder-only ``.pth`` and return (config, official-named state
     dict without duplicates, info)."""
     ckpt = read_foreign_checkpoint(path)
+    try:
+        return _interpret(ckpt, overrides)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _interpret(ckpt: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[CAEConfig, dict[str, Tensor], dict[str, Any]]:
     sd = _find_state_dict(ckpt)
     flavour = _detect_flavour(sd)
     args = ckpt.get("args")

@@ -1,0 +1,79 @@
+"""``python -m export``: checkpoint conversion (and, later, ONNX/TensorRT/Triton export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+_logger = logging.getLogger("export")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from training.models.checkpoint import CheckpointError, convert_checkpoint
+
+    overrides = {}
+    if args.num_heads:
+        overrides["num_heads"] = args.num_heads
+    if args.decoder_num_heads:
+        overrides["decoder_num_heads"] = args.decoder_num_heads
+    try:
+        model = convert_checkpoint(args.src, args.dst, **overrides)
+    except CheckpointError as e:
+        _logger.error("%s", e)
+        return 2
+    n_params = sum(p.numel() for p in model.parameters())
+    summary = {"dst": str(args.dst), "params": n_params, "config": model.cfg.to_dict()}
+    _logger.info("wrote %s (%s, %.2fM parameters)", args.dst, model.extra_repr(), n_params / 1e6)
+    if args.json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def _cmd_convert_tokenizer(args: argparse.Namespace) -> int:
+    from training.tokenizers.dalle import DalleWeightsError, convert_openai_encoder
+
+    try:
+        convert_openai_encoder(args.src, args.dst)
+    except (DalleWeightsError, FileNotFoundError) as e:
+        _logger.error("%s", e)
+        return 2
+    _logger.info("wrote %s", args.dst)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "convert",
+        help="official / mmpretrain / encoder-only .pth (or ours) -> our .safetensors",
+        description="Convert a CAE checkpoint to our single-file safetensors format (config in the metadata). "
+        "Foreign files are read with torch.load(weights_only=True) and an explicit allow-list.",
+    )
+    c.add_argument("src", help="checkpoint to read (.pth from the official code or mmpretrain, or .safetensors)")
+    c.add_argument("dst", help="output path, ending in .safetensors")
+    c.add_argument("--num-heads", type=int, default=None, help="encoder heads, when the file cannot tell")
+    c.add_argument("--decoder-num-heads", type=int, default=None, help="regressor/decoder heads, likewise")
+    c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    c.set_defaults(func=_cmd_convert)
+    t = sub.add_parser(
+        "convert-tokenizer",
+        help="OpenAI DALL-E encoder.pkl -> safetensors (restricted unpickling, done once)",
+    )
+    t.add_argument("src", help="OpenAI's encoder.pkl (or a state_dict file)")
+    t.add_argument("dst", help="output .safetensors")
+    t.set_defaults(func=_cmd_convert_tokenizer)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
