@@ -36,6 +36,7 @@ __all__ = [
     "load_model",
     "load_state_dict_any",
     "read_foreign_checkpoint",
+    "read_metadata",
     "save_model",
     "sha256_file",
 ]
@@ -78,6 +79,17 @@ def save_model(model: CAE, path: str | Path, metadata: Mapping[str, str] | None 
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of one of our safetensors files ({} for foreign files)."""
+    path = Path(path)
+    if _sniff(path) != "safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
 
 
 def _load_ours(path: Path, overrides: Mapping[str, Any]) -> CAE:

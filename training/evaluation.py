@@ -1,0 +1,4 @@
+"""Placeholder replaced by the evaluation module (written next)."""
+
+class EvalError(ValueError):
+    pass
