@@ -35,3 +35,28 @@ def tiny_overrides(**kw):
     )
     base.update(kw)
     return base
+
+
+def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 16, size: int = 20, seed: int = 0) -> Path:
+    """A small separable ImageFolder: class c = stripes at orientation c, random colours and phase."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for c in range(n_classes):
+        d = root / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        angle = np.pi * c / n_classes
+        for i in range(per_class):
+            phase = rng.uniform(0, 2 * np.pi)
+            wave = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 1.2 + phase) > 0
+            fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            img = np.where(wave[..., None], fg, bg).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")

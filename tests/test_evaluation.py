@@ -1,0 +1,215 @@
+"""Evaluation protocols on a tiny CAE and a synthetic, easily separable ImageFolder dataset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO
+from training import evaluation as E
+from training.data import FMNIST_MEAN, IMAGENET_MEAN, EvalTransform, ImageFolderDataset, TransformedDataset
+from training.models import CAE, CAEConfig, save_model
+
+RESULT_KEYS = {
+    "protocol", "checkpoint", "dataset", "top1", "top5", "train_loss", "n_train", "n_test", "num_classes",
+    "feature_dim", "seed", "device", "precision", "features_cached", "preprocess", "params", "seconds",
+}  # fmt: skip
+FAST = {
+    "knn": ["k=10"],
+    "linear": ["epochs=50", "batch_size=32", "base_lr=40", "warmup_epochs=5"],  # tiny data: few steps, big LARS lr
+    "attentive": ["epochs=10", "batch_size=32", "warmup_epochs=1", "lr=0.1", "threads=1"],
+    "finetune": ["epochs=1", "batch_size=16", "log_every=2", "limit_test=15", "threads=1"],
+}
+N_TRAIN, N_VAL, CLASSES = 30, 15, ("blue", "green", "red")
+
+
+def tiny_cae(seed: int = 0) -> CAE:
+    torch.manual_seed(seed)
+    cfg = CAEConfig(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, regressor_depth=1,
+        decoder_depth=1, decoder_num_heads=2, vocab_size=16, target="pixel", drop_path_rate=0.0,
+    )  # fmt: skip
+    return CAE(cfg).eval()
+
+
+def _image(cls: int, rng: np.random.Generator) -> Image.Image:
+    """20x20 noisy image dominated by one colour channel, with stripes whose orientation is the class."""
+    img = rng.uniform(0, 90, size=(20, 20, 3))
+    img[..., 2 - cls] += rng.uniform(110, 160)  # blue, green, red
+    stripes = (np.arange(20) // 2) % 2 * 40.0
+    img += stripes[None, :, None] if cls == 0 else stripes[:, None, None] if cls == 1 else 0.0
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    for split, n in (("train", N_TRAIN), ("val", N_VAL)):
+        for ci, name in enumerate(CLASSES):
+            (data / split / name).mkdir(parents=True)
+            for i in range(n):
+                _image(ci, rng).save(data / split / name / f"{i:03d}.png")
+    ckpt = save_model(tiny_cae(), root / "tiny.safetensors")
+    return {"root": root, "data": data, "ckpt": ckpt, "cache": root / "cache"}
+
+
+def _eval(assets: dict[str, Path], protocol: str, **kw: object) -> dict:
+    kw.setdefault("overrides", FAST[protocol])
+    kw.setdefault("cache_dir", str(assets["cache"]))
+    return E.run_eval(str(kw.pop("checkpoint", assets["ckpt"])), protocol, dataset=f"imagefolder:{assets['data']}",
+                      device="cpu", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("protocol", E.PROTOCOLS)
+def test_protocol_results(assets: dict[str, Path], protocol: str) -> None:
+    r = _eval(assets, protocol)
+    assert set(r) == RESULT_KEYS
+    json.dumps(r)  # serializable
+    assert r["protocol"] == protocol and r["num_classes"] == 3 and r["feature_dim"] == 32
+    assert r["n_train"] == 3 * N_TRAIN and r["n_test"] == (15 if protocol == "finetune" else 3 * N_VAL)
+    assert 0.0 <= r["top1"] <= r["top5"] <= 100.0 and r["top5"] == 100.0  # 3 classes: top5 is everything
+    assert r["preprocess"]["crop_pct"] == 0.875 and r["preprocess"]["source"] == "imagenet-default"
+    if protocol in ("knn", "linear", "attentive"):
+        assert r["top1"] > 60.0, r  # chance is 33%
+    if protocol == "finetune":
+        assert r["features_cached"] is None and np.isfinite(r["train_loss"])
+        assert r["params"]["layer_decay"] == 0.65 and r["params"]["epochs"] == 1
+
+
+def test_cache_is_reused(assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = assets["root"] / "cache-reuse"
+    first = _eval(assets, "linear", cache_dir=str(cache))
+    assert first["features_cached"] is False
+    assert len(list(cache.glob("*/cls.npy"))) == 2 and len(list(cache.glob("*/labels.npy"))) == 2
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(E, "extract_features", boom)
+    again = _eval(assets, "linear", cache_dir=str(cache))
+    assert again["features_cached"] is True
+    assert again["top1"] == first["top1"] and again["train_loss"] == first["train_loss"]  # deterministic
+    assert _eval(assets, "knn", cache_dir=str(cache))["features_cached"] is True
+    with pytest.raises(AssertionError, match="from the cache"):  # tokens are a different feature kind
+        _eval(assets, "attentive", cache_dir=str(cache))
+    with pytest.raises(AssertionError, match="from the cache"):  # preprocessing is part of the key
+        _eval(assets, "knn", cache_dir=str(cache), overrides=["crop_pct=1.0"])
+
+
+def test_random_checkpoints(assets: dict[str, Path]) -> None:
+    a, b, c = (E.resolve_backbone("random:fmnist_cae", s) for s in (0, 0, 1))
+    assert a.cfg.img_size == 28 and a.cfg.depth == 6 and a.preprocess["mean"] == list(FMNIST_MEAN)
+    assert a.identity == b.identity != c.identity
+    sa, sb, sc = (x.model().state_dict()["encoder.cls_token"] for x in (a, b, c))
+    assert torch.equal(sa, sb) and not torch.equal(sa, sc)
+    assert E.resolve_backbone("random:cae_tiny_patch16_224").preprocess["mean"] == list(IMAGENET_MEAN)
+    r = _eval(assets, "knn", checkpoint="random:fmnist_cae", overrides=["limit_train=30", "limit_test=15"])
+    assert r["n_train"] == 30 and r["n_test"] == 15 and r["feature_dim"] == 192 and 0 <= r["top1"] <= 100
+    with pytest.raises(E.EvalError, match="unknown model or preset"):
+        E.resolve_backbone("random:no_such_model")
+
+
+def test_preprocess_from_metadata(assets: dict[str, Path]) -> None:
+    model, root = tiny_cae(), assets["root"]
+    pre = {"img_size": 16, "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+    p1 = save_model(model, root / "pre.safetensors", metadata={"preprocess": json.dumps(pre)})
+    p2 = save_model(model, root / "run.safetensors", metadata={"run_config": json.dumps({"data": {"dataset": "fashion-mnist"}})})
+    assert E.resolve_backbone(str(p1)).preprocess["mean"] == [0.1, 0.2, 0.3]
+    assert E.resolve_backbone(str(p2)).preprocess["mean"] == list(FMNIST_MEAN)
+    b = E.resolve_backbone(str(assets["ckpt"]))
+    assert b.preprocess["source"] == "imagenet-default" and b.identity.startswith("sha256:")
+
+
+def test_errors(assets: dict[str, Path]) -> None:
+    with pytest.raises(E.EvalError, match="no such file"):
+        E.run_eval(str(assets["root"] / "missing.safetensors"), "knn", dataset=f"imagefolder:{assets['data']}")
+    with pytest.raises(E.EvalError, match="unknown protocol"):
+        E.run_eval(str(assets["ckpt"]), "svm")
+    with pytest.raises(E.EvalError, match=r"unknown linear parameter 'lrr'; allowed: .*base_lr.*epochs"):
+        E.run_eval(str(assets["ckpt"]), "linear", overrides=["lrr=0.1"])
+    with pytest.raises(E.EvalError, match="expected int"):
+        E.parse_overrides("finetune", ["epochs=two"])
+    with pytest.raises(E.EvalError, match="key=value"):
+        E.parse_overrides("knn", ["k"])
+    with pytest.raises(E.EvalError, match="unknown dataset"):
+        E.run_eval(str(assets["ckpt"]), "knn", dataset="cifar10")
+    with pytest.raises(E.EvalError, match="missing"):
+        E.run_eval(str(assets["ckpt"]), "knn", dataset=f"imagefolder:{assets['root']}")
+    bad = assets["root"] / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(E.EvalError, match="cannot read checkpoint"):
+        E.resolve_backbone(str(bad))
+    assert E.parse_overrides("finetune", ["mixup=0.8", "limit_train=null"]).mixup == 0.8
+
+
+def test_attentive_probe_shapes() -> None:
+    torch.manual_seed(0)
+    probe = E.AttentiveProbe(dim=32, num_heads=2, num_classes=3)
+    tokens = torch.randn(4, 17, 32)
+    assert probe.query_token.shape == (1, 1, 32) and not probe.query_token.any()
+    assert probe.pool(tokens).shape == (4, 32) and probe(tokens).shape == (4, 3)
+    attn = probe.block.cross_attn
+    assert attn.num_heads == 2 and attn.k.bias is None and attn.q_bias is not None and attn.v_bias is not None
+    assert not probe.bn.affine
+    probe.eval()  # running statistics: a single sample works and does not depend on the batch
+    one = probe(tokens[:1])
+    assert torch.allclose(one, probe(tokens)[:1], atol=1e-5)
+
+
+def test_finetune_layer_decay_groups() -> None:
+    model = E.FinetuneClassifier(tiny_cae().encoder, num_classes=3)
+    groups = E.finetune_param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    ids = {n: g["layer_id"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert ids["encoder.cls_token"] == 0 and ids["encoder.patch_embed.proj.weight"] == 0
+    assert ids["encoder.patch_embed.proj.bias"] == 0
+    assert ids["encoder.blocks.0.attn.qkv.weight"] == 1 and ids["encoder.blocks.0.gamma_1"] == 1
+    assert ids["encoder.blocks.1.mlp.fc2.weight"] == 2 and ids["encoder.blocks.1.norm1.bias"] == 2
+    assert ids["encoder.norm.weight"] == 3 and ids["head.weight"] == 3 and ids["head.bias"] == 3
+    assert {n for n, i in ids.items() if i == 0} == {
+        "encoder.cls_token", "encoder.patch_embed.proj.weight", "encoder.patch_embed.proj.bias",
+    }  # fmt: skip
+    assert sorted({g["layer_id"] for g in groups}) == [0, 1, 2, 3]
+    for g in groups:
+        assert g["lr_scale"] == pytest.approx(0.5 ** (3 - g["layer_id"]))
+    assert wd["encoder.cls_token"] == 0.0 and wd["encoder.blocks.0.attn.q_bias"] == 0.0 and wd["head.bias"] == 0.0
+    assert wd["encoder.blocks.0.attn.qkv.weight"] == 0.05 and wd["head.weight"] == 0.05
+    assert len(ids) == sum(1 for _ in model.parameters())
+    assert E.layer_id_for("encoder.blocks.11.attn.proj.weight", 12) == 12 and E.layer_id_for("head.weight", 12) == 13
+
+
+def test_bf16_features_close_to_fp32(assets: dict[str, Path]) -> None:
+    ds = TransformedDataset(ImageFolderDataset(assets["data"] / "val"), EvalTransform(16, IMAGENET_MEAN, (0.2, 0.2, 0.2), 0.875))
+    sub = torch.utils.data.Subset(ds, list(range(0, 45, 5)))
+    f32 = E.extract_features(tiny_cae(), sub, tokens=True, amp_dtype=None)
+    bf16 = E.extract_features(tiny_cae(), sub, tokens=True, amp_dtype=torch.bfloat16)
+    assert f32["cls"].shape == (9, 32) and f32["tokens"].shape == (9, 17, 32) and f32["tokens"].dtype == np.float16
+    assert np.array_equal(f32["labels"], bf16["labels"])
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(f32["cls"]), torch.from_numpy(bf16["cls"]), dim=1)
+    assert cos.min() > 0.995, cos
+    assert np.allclose(f32["cls"], f32["tokens"][:, 0], atol=1e-2)
+
+
+def test_cli_json(assets: dict[str, Path]) -> None:
+    cmd = [
+        sys.executable, "training/run.py", "eval", "--checkpoint", str(assets["ckpt"]), "--protocol", "knn",
+        "--dataset", f"imagefolder:{assets['data']}", "--cache-dir", str(assets["root"] / "cache-cli"),
+        "--set", "k=5", "--device", "cpu", "--json",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["params"]["k"] == 5 and 0 <= result["top1"] <= 100
+    bad = subprocess.run(cmd[:-1] + ["--set", "nope=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown knn parameter 'nope'" in bad.stderr

@@ -1,0 +1,247 @@
+"""Pretraining: configs, schedule, data determinism, loss goes down, exact resume, torchrun equivalence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+from training.config import ConfigError, list_presets, load_config
+from training.engine import lr_at, param_groups, pretrain
+from training.models import create_model, load_model
+
+TINY = [
+    "model.name=cae_tiny_patch16_224",
+    "model.overrides={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, decoder_embed_dim: 32,"
+    " decoder_num_heads: 2, regressor_depth: 1, decoder_depth: 1, target: pixel, drop_path_rate: 0.0}",
+    "data.num_workers=0",
+    "data.mask_ratio=0.5",
+    "data.min_mask_patches_per_block=2",
+    "data.scale=[0.5, 1.0]",
+    "optim.batch_size=16",
+    "optim.warmup_epochs=1",
+    "optim.lr=2.0e-3",
+    "runtime.precision=fp32",
+    "runtime.device=cpu",
+    "runtime.log_every=1",
+    "runtime.tensorboard=false",
+    "runtime.recon_every_epochs=1",
+]
+
+
+def tiny_cfg(image_folder: Path, *extra: str):
+    return load_config("fmnist_cae", [*TINY, f"data.dataset=imagefolder:{image_folder}", *extra])
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+# ------------------------------------------------------------------ configs
+def test_presets_exist_and_resolve():
+    names = list_presets()
+    for n in ("cae_base_300e", "cae_base_800e", "cae_base_1600e", "cae_large_1600e", "fmnist_cae"):
+        assert n in names
+        load_config(n)
+
+
+@pytest.mark.parametrize("name,epochs,warmup", [("cae_base_300e", 300, 10), ("cae_base_800e", 800, 20),
+                                               ("cae_base_1600e", 1600, 40), ("cae_large_1600e", 1600, 40)])
+def test_official_recipes(name, epochs, warmup):
+    c = load_config(name)
+    o = c.optim
+    assert (o.epochs, o.warmup_epochs, o.batch_size, o.lr, o.min_lr) == (epochs, warmup, 2048, 1.5e-3, 1e-5)
+    assert (o.betas, o.weight_decay, o.clip_grad, o.decay_tokens) == ((0.9, 0.999), 0.05, 3.0, True)
+    assert (c.data.mask, c.data.mask_ratio, c.data.min_mask_patches_per_block, c.data.second_size) == ("block", 0.5, 16, 112)
+    assert c.model.overrides["target"] == "dalle" and c.model.overrides["drop_path_rate"] == 0.1
+    assert c.data.scale == (0.08, 1.0)
+    model_cfg = create_model(c.model.name, img_size=32, depth=1, regressor_depth=1, decoder_depth=1,
+                             **c.model.overrides).cfg
+    assert model_cfg.align_loss_weight == 2.0
+    assert model_cfg.init_values == (1e-5 if "large" in name else 0.1)
+    assert (model_cfg.embed_dim, model_cfg.decoder_embed_dim) == ((1024, 768) if "large" in name else (768, 768))
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown keys"):
+        load_config("fmnist_cae", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config("fmnist_cae", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="no preset"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("fmnist_cae", ["optim.lr"])
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        load_config("fmnist_cae", ["data.mask_ratio=1.5"])
+
+
+def test_lr_schedule_matches_official_cosine_scheduler():
+    cfg = load_config("fmnist_cae", ["optim.epochs=5", "optim.warmup_epochs=1", "optim.lr=1e-3", "optim.min_lr=1e-5"])
+    spe = 7
+    ours = np.array([lr_at(s, cfg, spe) for s in range(5 * spe)])
+    # furnace/utils.cosine_scheduler, written out
+    warm = np.linspace(0, 1e-3, spe)
+    iters = np.arange(5 * spe - spe)
+    cos = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * iters / len(iters)))
+    np.testing.assert_allclose(ours, np.concatenate([warm, cos]), rtol=1e-12, atol=1e-15)
+
+
+def test_param_groups_decay_tokens_like_official():
+    model = create_model("cae_tiny_patch16_224", img_size=32, depth=1, regressor_depth=1, decoder_depth=1)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dec = {names[id(p)] for p in decay["params"]}
+    nod = {names[id(p)] for p in no_decay["params"]}
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.attn.qkv.weight"} <= dec
+    assert {"encoder.blocks.0.gamma_1", "encoder.blocks.0.attn.q_bias", "encoder.norm.weight"} <= nod
+    assert not any("pos_embed" in n for n in dec | nod)
+    _, nod2 = param_groups(model, 0.05, decay_tokens=False)
+    assert "mask_token" in {names[id(p)] for p in nod2["params"]}
+
+
+# ------------------------------------------------------------------ data
+def test_pretrain_samples_are_seeded_by_epoch_and_index(image_folder):
+    from training import data as D
+
+    src = D.build_source(f"imagefolder:{image_folder}")
+    ds = D.PretrainDataset(src, D.PretrainTransform(D.TransformConfig(img_size=16, scale=(0.3, 1.0))), "block",
+                           (4, 4), 8, min_num_patches=2, seed=3)
+    a, b = ds[5], ds[5]
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["mask"], b["mask"])
+    assert a["images"].shape == (3, 16, 16) and a["mask"].shape == (16,) and int(a["mask"].sum()) == 8
+    ds.set_epoch(1)
+    c = ds[5]
+    assert not torch.equal(a["images"], c["images"]) or not torch.equal(a["mask"], c["mask"])
+
+
+def test_second_view_for_tokenizer(image_folder):
+    from training import data as D
+
+    t = D.PretrainTransform(D.TransformConfig(img_size=32, second_size=16))
+    img, _ = D.build_source(f"imagefolder:{image_folder}")[0]
+    out = t(img, np.random.default_rng(0))
+    assert out["images"].shape == (3, 32, 32) and out["tokenizer_images"].shape == (3, 16, 16)
+    assert 0.0 <= float(out["tokenizer_images"].min()) and float(out["tokenizer_images"].max()) <= 1.0
+
+
+def test_idx_reader_and_fashion_mnist_errors(tmp_path):
+    from training import data as D
+
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = bytes([0, 0, 0x08, 3]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape) + arr.tobytes()
+    (tmp_path / "x-idx3-ubyte").write_bytes(raw)
+    assert np.array_equal(D.read_idx(tmp_path / "x-idx3-ubyte"), arr)
+    (tmp_path / "bad").write_bytes(raw[:-5])
+    with pytest.raises(D.DataError, match="truncated"):
+        D.read_idx(tmp_path / "bad")
+    with pytest.raises(D.DataError, match="dataset-fashion-mnist"):
+        D.FashionMNIST(tmp_path / "missing")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_package():
+    from training import data as D
+
+    train, test = D.FashionMNIST(split="train"), D.FashionMNIST(split="test")
+    assert len(train) == 60000 and len(test) == 10000
+    img, label = train[0]
+    assert img.size == (28, 28) and img.mode == "RGB" and 0 <= label < 10
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_webdataset_shards(tmp_path, image_folder):
+    from training import data as D
+
+    files = sorted(image_folder.rglob("*.png"))
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:02d}.tar", "w") as tar:
+            for i, f in enumerate(files[s::2]):
+                tar.add(f, arcname=f"s{s}_{i:04d}.png")
+                cls = tmp_path / "cls.txt"
+                cls.write_text(str(int(f.parent.name.split("_")[1])))
+                tar.add(cls, arcname=f"s{s}_{i:04d}.cls")
+        # a corrupt sample is skipped, not fatal
+    with tarfile.open(tmp_path / "shard-02.tar", "w") as tar:
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not a png")
+        tar.add(bad, arcname="bad_0000.png")
+    ds = D.WebDatasetShards(str(tmp_path / "shard-{00..02}.tar"), shuffle_buffer=8, seed=0)
+    items = list(ds)
+    assert len(items) == len(files)
+    assert {label for _, label, _ in items} == {0, 1, 2}
+
+
+# ------------------------------------------------------------------ training runs
+def test_pretrain_lowers_loss_and_writes_outputs(tmp_path, image_folder):
+    cfg = tiny_cfg(image_folder, "optim.epochs=6", "runtime.keep_last=2")
+    result = pretrain(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    losses = train_losses(run)
+    steps = sorted(losses)
+    assert len(steps) == 6 * 3  # 48 images / batch 16
+    first, last = np.mean([losses[s] for s in steps[:3]]), np.mean([losses[s] for s in steps[-3:]])
+    assert last < 0.85 * first, (first, last)
+    for name in ("config.yaml", "loss_curve.png", "model.safetensors", "latest.json", "recon-0005.png"):
+        assert (run / name).exists(), name
+    assert len(list(run.glob("checkpoint-*.pth"))) == 2  # keep_last
+    model = load_model(result["model"])
+    assert model.cfg.embed_dim == 32 and not model.training
+    ck = torch.load(sorted(run.glob("checkpoint-*.pth"))[-1], weights_only=False)
+    assert ck["config"]["optim"]["epochs"] == 6  # resolved config inside the checkpoint
+
+
+def test_resume_is_exact(tmp_path, image_folder):
+    common = ["optim.epochs=3", "model.overrides.drop_path_rate=0.1", "runtime.save_every_steps=2"]
+    full = tmp_path / "full"
+    pretrain(tiny_cfg(image_folder, *common), full)
+    part = tmp_path / "part"
+    # interrupted mid-epoch 1 (after global step 5 of 9), then resumed from the step-4 checkpoint
+    pretrain(tiny_cfg(image_folder, *common, "runtime.max_steps=5"), part)
+    ck = json.loads((part / "latest.json").read_text())
+    assert (ck["epoch"], ck["step_in_epoch"]) == (1, 2)
+    # the step-5 record is past the checkpoint: it is dropped and recomputed on resume
+    pretrain(tiny_cfg(image_folder, *common), part, resume=True)
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 10))
+    for s in a:
+        assert a[s] == b[s], (s, a[s], b[s])
+    sa = load_model(full / "model.safetensors").state_dict()
+    sb = load_model(part / "model.safetensors").state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path, image_folder):
+    """2-process DDP (gloo, CPU) with the same global batch gives the same losses as one process."""
+    args = [*TINY, f"data.dataset=imagefolder:{image_folder}", "optim.epochs=2"]
+    sets = [x for a in args for x in ("--set", a)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "training/run.py", "pretrain", "--config", "fmnist_cae", *sets,
+                          "--output-dir", str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run([*torchrun, "training/run.py", "pretrain", "--config", "fmnist_cae", *sets,
+                          "--output-dir", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) and len(a) == 6
+    for s in a:
+        assert math.isclose(a[s], b[s], rel_tol=2e-4, abs_tol=1e-5), (s, a[s], b[s])
+
+
+def test_cli_bad_config_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "training/run.py", "pretrain", "--config", "fmnist_cae", "--set",
+                        "optim.lr=oops", "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "optim.lr" in r.stderr
+    shutil.rmtree(tmp_path, ignore_errors=True)
