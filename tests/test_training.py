@@ -245,3 +245,34 @@ def test_cli_bad_config_exit_code(tmp_path):
                         "optim.lr=oops", "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "optim.lr" in r.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_pretrain_with_dalle_token_targets(tmp_path, image_folder):
+    """The faithful path end to end: second view -> DALL-E encoder tokens -> CE on the masked tokens."""
+    from safetensors.torch import save_file
+
+    from training.tokenizers import DalleEncoder
+
+    torch.manual_seed(0)
+    enc = DalleEncoder(n_hid=8, vocab_size=32, n_blk_per_group=1)
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(tmp_path / "dalle.safetensors"))
+    cfg = tiny_cfg(
+        image_folder,
+        "optim.epochs=1",
+        "model.overrides.target=dalle",
+        "model.overrides.vocab_size=32",
+        "data.second_size=32",  # 32 px / 8 = the model's 4x4 patch grid (112 / 8 = 224 / 16 officially)
+        f"data.tokenizer_weights={tmp_path / 'dalle.safetensors'}",
+    )
+    pretrain(cfg, tmp_path / "run")
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert train and all("mlm_acc" in r and math.isfinite(r["loss_main"]) for r in train)
+    # CE over a 32-token vocabulary starts near log(32)
+    assert abs(train[0]["loss_main"] - math.log(32)) < 1.5
+
+
+def test_dalle_target_without_weights_is_a_clear_error(tmp_path, image_folder):
+    cfg = tiny_cfg(image_folder, "model.overrides.target=dalle")
+    with pytest.raises(ConfigError, match="tokenizer_weights"):
+        pretrain(cfg, tmp_path / "run")
