@@ -149,22 +149,22 @@ def unpatchify(x: Tensor, patch_size: int, grid: tuple[int, int], in_chans: int 
 def mask_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Visible and masked patch indices, each in ascending order: ([B, Nv], [B, Nm]).
 
-    A stable sort on the mask puts visible patches (0) first and masked ones (1) after, each block in
-    ascending patch order: the same order as the official ``x[~mask]`` / ``x[mask]`` gathers, but with
-    static-rank ops that export to ONNX. Every row must mask the same number of patches.
+    ``nonzero`` lists positions row-major, so each row's indices come out ascending: the same order as the
+    official ``x[~mask]`` / ``x[mask]`` gathers. It exports to ONNX as NonZero with a dynamic count, so one
+    graph serves any mask ratio. Every row must mask the same number of patches.
     """
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be a bool tensor [B, N], got {mask.dtype} {tuple(mask.shape)}")
-    counts = mask.sum(dim=1)
-    num_masked = counts[0]
     if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-        if bool((counts != num_masked).any()):
+        counts = mask.sum(dim=1)
+        if bool((counts != counts[0]).any()):
             raise ValueError(f"every row of the mask must mask the same number of patches, got {counts.tolist()}")
-        if int(num_masked) in (0, mask.shape[1]):
-            raise ValueError(f"the mask must leave at least one patch visible and one masked, got {int(num_masked)}")
-    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
-    num_visible = mask.shape[1] - num_masked
-    return order[:, :num_visible], order[:, num_visible:]
+        if int(counts[0]) in (0, mask.shape[1]):
+            raise ValueError(f"the mask must leave at least one patch visible and one masked, got {int(counts[0])}")
+    b = mask.shape[0]
+    visible = (~mask).nonzero()[:, 1].reshape(b, -1)
+    masked = mask.nonzero()[:, 1].reshape(b, -1)
+    return visible, masked
 
 
 def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
