@@ -23,7 +23,12 @@ RESULT_KEYS = {
 }  # fmt: skip
 FAST = {
     "knn": ["k=10"],
-    "linear": ["epochs=50", "batch_size=32", "base_lr=40", "warmup_epochs=5"],  # tiny data: few steps, big LARS lr
+    "linear": [
+        "epochs=50",
+        "batch_size=32",
+        "base_lr=40",
+        "warmup_epochs=5",
+    ],  # tiny data: few steps, big LARS lr
     "attentive": ["epochs=10", "batch_size=32", "warmup_epochs=1", "lr=0.1", "threads=1"],
     "finetune": ["epochs=1", "batch_size=16", "log_every=2", "limit_test=15", "threads=1"],
 }
@@ -65,8 +70,13 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _eval(assets: dict[str, Path], protocol: str, **kw: object) -> dict:
     kw.setdefault("overrides", FAST[protocol])
     kw.setdefault("cache_dir", str(assets["cache"]))
-    return E.run_eval(str(kw.pop("checkpoint", assets["ckpt"])), protocol, dataset=f"imagefolder:{assets['data']}",
-                      device="cpu", **kw)  # type: ignore[arg-type]
+    return E.run_eval(
+        str(kw.pop("checkpoint", assets["ckpt"])),
+        protocol,
+        dataset=f"imagefolder:{assets['data']}",
+        device="cpu",
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("protocol", E.PROTOCOLS)
@@ -122,16 +132,25 @@ def test_preprocess_from_metadata(assets: dict[str, Path]) -> None:
     model, root = tiny_cae(), assets["root"]
     pre = {"img_size": 16, "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
     p1 = save_model(model, root / "pre.safetensors", metadata={"preprocess": json.dumps(pre)})
-    p2 = save_model(model, root / "run.safetensors", metadata={"run_config": json.dumps({"data": {"dataset": "fashion-mnist"}})})
+    p2 = save_model(
+        model,
+        root / "run.safetensors",
+        metadata={"run_config": json.dumps({"data": {"dataset": "fashion-mnist"}})},
+    )
     assert E.resolve_backbone(str(p1)).preprocess["mean"] == [0.1, 0.2, 0.3]
     assert E.resolve_backbone(str(p2)).preprocess["mean"] == list(FMNIST_MEAN)
     b = E.resolve_backbone(str(assets["ckpt"]))
     assert b.preprocess["source"] == "imagenet-default" and b.identity.startswith("sha256:")
+    run_dir = root / "run"
+    save_model(model, run_dir / "model.safetensors")
+    assert E.resolve_backbone(str(run_dir)).identity == b.identity  # a run directory: its model.safetensors
 
 
 def test_errors(assets: dict[str, Path]) -> None:
     with pytest.raises(E.EvalError, match="no such file"):
-        E.run_eval(str(assets["root"] / "missing.safetensors"), "knn", dataset=f"imagefolder:{assets['data']}")
+        E.run_eval(
+            str(assets["root"] / "missing.safetensors"), "knn", dataset=f"imagefolder:{assets['data']}"
+        )
     with pytest.raises(E.EvalError, match="unknown protocol"):
         E.run_eval(str(assets["ckpt"]), "svm")
     with pytest.raises(E.EvalError, match=r"unknown linear parameter 'lrr'; allowed: .*base_lr.*epochs"):
@@ -181,20 +200,35 @@ def test_finetune_layer_decay_groups() -> None:
     assert sorted({g["layer_id"] for g in groups}) == [0, 1, 2, 3]
     for g in groups:
         assert g["lr_scale"] == pytest.approx(0.5 ** (3 - g["layer_id"]))
-    assert wd["encoder.cls_token"] == 0.0 and wd["encoder.blocks.0.attn.q_bias"] == 0.0 and wd["head.bias"] == 0.0
+    assert (
+        wd["encoder.cls_token"] == 0.0
+        and wd["encoder.blocks.0.attn.q_bias"] == 0.0
+        and wd["head.bias"] == 0.0
+    )
     assert wd["encoder.blocks.0.attn.qkv.weight"] == 0.05 and wd["head.weight"] == 0.05
     assert len(ids) == sum(1 for _ in model.parameters())
-    assert E.layer_id_for("encoder.blocks.11.attn.proj.weight", 12) == 12 and E.layer_id_for("head.weight", 12) == 13
+    assert (
+        E.layer_id_for("encoder.blocks.11.attn.proj.weight", 12) == 12
+        and E.layer_id_for("head.weight", 12) == 13
+    )
 
 
 def test_bf16_features_close_to_fp32(assets: dict[str, Path]) -> None:
-    ds = TransformedDataset(ImageFolderDataset(assets["data"] / "val"), EvalTransform(16, IMAGENET_MEAN, (0.2, 0.2, 0.2), 0.875))
+    ds = TransformedDataset(
+        ImageFolderDataset(assets["data"] / "val"), EvalTransform(16, IMAGENET_MEAN, (0.2, 0.2, 0.2), 0.875)
+    )
     sub = torch.utils.data.Subset(ds, list(range(0, 45, 5)))
     f32 = E.extract_features(tiny_cae(), sub, tokens=True, amp_dtype=None)
     bf16 = E.extract_features(tiny_cae(), sub, tokens=True, amp_dtype=torch.bfloat16)
-    assert f32["cls"].shape == (9, 32) and f32["tokens"].shape == (9, 17, 32) and f32["tokens"].dtype == np.float16
+    assert (
+        f32["cls"].shape == (9, 32)
+        and f32["tokens"].shape == (9, 17, 32)
+        and f32["tokens"].dtype == np.float16
+    )
     assert np.array_equal(f32["labels"], bf16["labels"])
-    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(f32["cls"]), torch.from_numpy(bf16["cls"]), dim=1)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(f32["cls"]), torch.from_numpy(bf16["cls"]), dim=1
+    )
     assert cos.min() > 0.995, cos
     assert np.allclose(f32["cls"], f32["tokens"][:, 0], atol=1e-2)
 
@@ -211,5 +245,7 @@ def test_cli_json(assets: dict[str, Path]) -> None:
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert result["params"]["k"] == 5 and 0 <= result["top1"] <= 100
-    bad = subprocess.run(cmd[:-1] + ["--set", "nope=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        cmd[:-1] + ["--set", "nope=1"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "unknown knn parameter 'nope'" in bad.stderr
