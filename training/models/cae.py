@@ -149,22 +149,29 @@ def unpatchify(x: Tensor, patch_size: int, grid: tuple[int, int], in_chans: int 
 def mask_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Visible and masked patch indices, each in ascending order: ([B, Nv], [B, Nm]).
 
-    ``nonzero`` lists positions row-major, so each row's indices come out ascending: the same order as the
-    official ``x[~mask]`` / ``x[mask]`` gathers. It exports to ONNX as NonZero with a dynamic count, so one
-    graph serves any mask ratio. Every row must mask the same number of patches.
+    Sorting the unique keys ``mask * N + index`` puts the visible patches first and the masked ones after,
+    each in ascending patch order: the same order as the official ``x[~mask]`` / ``x[mask]`` gathers. With
+    unique keys any sort is stable, so the ONNX TopK gives the same result, and the masked count stays a
+    dynamic size: one exported graph serves any mask ratio. Every row must mask the same number of patches.
     """
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise ValueError(f"mask must be a bool tensor [B, N], got {mask.dtype} {tuple(mask.shape)}")
-    if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+    n = mask.shape[1]
+    num_masked = mask[0].sum()
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        nm = num_masked.item()
+        torch._check(nm > 0)
+        torch._check(nm < n)
+    else:
         counts = mask.sum(dim=1)
         if bool((counts != counts[0]).any()):
             raise ValueError(f"every row of the mask must mask the same number of patches, got {counts.tolist()}")
-        if int(counts[0]) in (0, mask.shape[1]):
-            raise ValueError(f"the mask must leave at least one patch visible and one masked, got {int(counts[0])}")
-    b = mask.shape[0]
-    visible = (~mask).nonzero()[:, 1].reshape(b, -1)
-    masked = mask.nonzero()[:, 1].reshape(b, -1)
-    return visible, masked
+        nm = int(num_masked)
+        if nm in (0, n):
+            raise ValueError(f"the mask must leave at least one patch visible and one masked, got {nm}")
+    key = mask.to(torch.int64) * n + torch.arange(n, device=mask.device)
+    order = key.argsort(dim=1)
+    return order[:, : n - nm], order[:, n - nm :]
 
 
 def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
