@@ -44,6 +44,22 @@ def _cmd_convert_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_onnx(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportError, export_bundle
+    from training.models.checkpoint import CheckpointError
+
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    try:
+        spec = export_bundle(args.checkpoint, args.out_dir, tasks=tasks, image_size=args.image_size,
+                             opset=args.opset, fp16=args.fp16, int8=args.int8)  # fmt: skip
+    except (ExportError, CheckpointError) as e:
+        _logger.error("%s", e)
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps(spec) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--decoder-num-heads", type=int, default=None, help="regressor/decoder heads, likewise")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.set_defaults(func=_cmd_convert)
+    o = sub.add_parser(
+        "onnx",
+        help="checkpoint -> model bundle (ONNX graphs + spec.json), each graph checked against PyTorch",
+    )
+    o.add_argument("checkpoint", help="our .safetensors or any checkpoint load_model accepts")
+    o.add_argument("out_dir", help="bundle directory to write")
+    o.add_argument("--tasks", default="embed,reconstruct", help="comma-separated: embed, reconstruct")
+    o.add_argument("--image-size", type=int, default=None, help="input size (default: the trained size)")
+    o.add_argument("--opset", type=int, default=18)
+    o.add_argument("--fp16", action="store_true", help="also write fp16 graphs (cosine >= 0.999 to fp32)")
+    o.add_argument("--int8", action="store_true", help="also write int8 graphs (ORT dynamic quantization, cosine >= 0.99)")
+    o.add_argument("--json", action="store_true", help="print spec.json on stdout")
+    o.set_defaults(func=_cmd_onnx)
     t = sub.add_parser(
         "convert-tokenizer",
         help="OpenAI DALL-E encoder.pkl -> safetensors (restricted unpickling, done once)",
@@ -70,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # INFO for our loggers only: ONNX Runtime's quantizer logs every node on the root logger
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("export", "training"):
+        logging.getLogger(name).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

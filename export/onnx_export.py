@@ -1,0 +1,350 @@
+"""Export a CAE checkpoint to a model bundle: ONNX graphs + ``spec.json``, each graph checked against PyTorch.
+
+Bundle layout::
+
+    embed.onnx            images [B,3,H,W] float32 (normalized) -> tokens [B,1+N,D] (cls first, final norm)
+    reconstruct.onnx      images, mask bool [B,N] (same count per row) -> pred [B,Nm,P] (masked patches,
+                          ascending order; P = p*p*C pixels or the token vocabulary)
+    embed.fp16.onnx ...   optional lower-precision variants, with their measured error
+    spec.json             everything a server needs, plus sha256 of every file
+
+The exporter refuses to write a bundle whose graphs miss the parity bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from training.models import CAE, load_model
+from training.models.checkpoint import read_metadata, sha256_file
+from training.models.layers import resample_abs_pos_embed
+
+_logger = logging.getLogger("export")
+
+EXPORTER_VERSION = "0.1.0"
+BUNDLE_FORMAT = "cae-bundle"
+BUNDLE_FORMAT_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parent / "spec_schema.json"
+TASKS = ("embed", "reconstruct")
+
+# Parity bounds (fp32 graphs against PyTorch; reduced-precision variants on pooled embeddings).
+FP32_MAX_ABS = 1e-4
+FP32_MIN_COS = 0.99999
+FP16_MIN_COS = 0.999
+INT8_MIN_COS = 0.99
+
+
+class ExportError(RuntimeError):
+    """Export failed or a graph missed its parity bound; the message says which and by how much."""
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, model: CAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model.forward_features(images)
+
+
+class ReconstructGraph(nn.Module):
+    def __init__(self, model: CAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
+        tokens = self.model.encoder.embed(images)
+        from training.models.cae import mask_indices
+
+        vis_idx, _ = mask_indices(mask)
+        latent = self.model.encoder.encode_tokens(tokens, vis_idx)
+        return self.model.forward_decoder(self.model.forward_regressor(latent, mask), mask)
+
+
+def resize_model(model: CAE, image_size: int) -> CAE:
+    """The same weights at another input size: the sin-cos tables are resampled bicubically, the rule the
+    official downstream code applies to a pretrained table."""
+    if image_size == model.cfg.img_size:
+        return model
+    if image_size % model.cfg.patch_size:
+        raise ExportError(f"--image-size {image_size} is not a multiple of the patch size {model.cfg.patch_size}")
+    if model.cfg.use_rel_pos_bias:
+        raise ExportError("models with relative position bias export only at their trained size")
+    cfg = type(model.cfg).from_dict({**model.cfg.to_dict(), "img_size": image_size})
+    new = CAE(cfg)
+    sd = dict(model.state_dict())
+    grid = cfg.grid_size
+    for key in ("encoder.pos_embed", "rd_pos_embed"):
+        if key in sd:
+            sd[key] = resample_abs_pos_embed(sd[key], grid)
+    new.load_state_dict(sd)
+    return new.eval()
+
+
+def _sha256(path: Path) -> str:
+    return sha256_file(path)
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30
+    return float((num / den).min())
+
+
+@dataclass
+class Preprocess:
+    size: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bicubic"
+    class_names: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": self.interpolation,
+            "color": "rgb",
+            "resize_rule": "resize the whole image to size x size (no crop), then scale to [0,1], then (x-mean)/std",
+        }
+
+
+def preprocess_for(path: Path, model: CAE, image_size: int) -> Preprocess:
+    """Normalization the encoder was trained with: our metadata, else the run config, else ImageNet."""
+    from training import data as D
+
+    meta = read_metadata(path)
+    if "preprocess" in meta:
+        p = json.loads(meta["preprocess"])
+        return Preprocess(image_size, list(p["mean"]), list(p["std"]), p.get("interpolation", "bicubic"),
+                          p.get("class_names"))  # fmt: skip
+    if "run_config" in meta:
+        ds = json.loads(meta["run_config"]).get("data", {}).get("dataset", "")
+        if ds.startswith("fashion-mnist"):
+            return Preprocess(image_size, list(D.FMNIST_MEAN), list(D.FMNIST_STD), class_names=list(D.FMNIST_CLASSES))
+    return Preprocess(image_size, list(D.IMAGENET_MEAN), list(D.IMAGENET_STD))
+
+
+def real_images(pre: Preprocess, n: int = 8) -> np.ndarray | None:
+    """A few real, normalized images for parity (Fashion-MNIST test images when installed)."""
+    from PIL import Image
+
+    from training import data as D
+
+    try:
+        ds = D.FashionMNIST(split="test")
+    except D.DataError:
+        return None
+    imgs = []
+    for i in range(n):
+        img, _ = ds[i * 997 % len(ds)]
+        img = img.resize((pre.size, pre.size), Image.Resampling.BICUBIC)
+        x = np.asarray(img, dtype=np.float32) / 255.0
+        x = (x - np.array(pre.mean, dtype=np.float32)) / np.array(pre.std, dtype=np.float32)
+        imgs.append(x.transpose(2, 0, 1))
+    return np.stack(imgs).astype(np.float32)
+
+
+def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
+            output_names: list[str], opset: int) -> None:  # fmt: skip
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic_shapes = tuple({0: batch} for _ in args)
+    try:
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=input_names, output_names=output_names,
+            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+        )  # fmt: skip
+        program.save(str(path), external_data=False)
+    except Exception as e:
+        raise ExportError(f"ONNX export of {path.name} failed: {type(e).__name__}: {str(e)[:500]}") from e
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _random_mask(b: int, n: int, nm: int, rng: np.random.Generator) -> np.ndarray:
+    mask = np.zeros((b, n), dtype=bool)
+    for i in range(b):
+        mask[i, rng.choice(n, nm, replace=False)] = True
+    return mask
+
+
+def check_parity(task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Max abs diff and min per-row cosine of an fp32 graph against PyTorch on each input set."""
+    sess = _session(onnx_path)
+    worst_abs, worst_cos = 0.0, 1.0
+    for feed in inputs:
+        (ours,) = sess.run(None, feed)
+        with torch.no_grad():
+            if task == "embed":
+                ref = model.forward_features(torch.from_numpy(feed["images"])).numpy()
+            else:
+                out = model(torch.from_numpy(feed["images"]), torch.from_numpy(feed["mask"]))
+                ref = out.pred.numpy()
+        if ours.shape != ref.shape:
+            raise ExportError(f"{onnx_path.name}: output shape {ours.shape} != PyTorch {ref.shape}")
+        worst_abs = max(worst_abs, float(np.abs(ours - ref).max()))
+        worst_cos = min(worst_cos, _cosine_rows(ours, ref))
+    report = {"max_abs_diff": worst_abs, "min_cosine": worst_cos, "bound_max_abs": FP32_MAX_ABS,
+              "bound_min_cosine": FP32_MIN_COS, "inputs": len(inputs)}  # fmt: skip
+    if not (worst_abs <= FP32_MAX_ABS and worst_cos >= FP32_MIN_COS):
+        raise ExportError(f"{onnx_path.name} misses the fp32 parity bound: {report}")
+    return report
+
+
+def _pooled(tokens: np.ndarray) -> np.ndarray:
+    return tokens[:, 0]  # cls after the final norm: the embedding /embed returns by default
+
+
+def make_variant(kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """fp16 (weights and compute, IO kept fp32) or int8 (ONNX Runtime dynamic quantization) of a graph,
+    with its cosine to the fp32 graph on pooled embeddings."""
+    import onnx
+
+    if kind == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        m16 = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        onnx.save(m16, str(dst))
+        bound = FP16_MIN_COS
+    elif kind == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        bound = INT8_MIN_COS
+    else:
+        raise ExportError(f"unknown variant {kind}")
+    ref, low = _session(ref_path), _session(dst)
+    worst = 1.0
+    for feed in feeds:
+        a = ref.run(None, feed)[0]
+        b = low.run(None, feed)[0]
+        worst = min(worst, _cosine_rows(_pooled(a), _pooled(b)) if a.ndim == 3 and "mask" not in feed else _cosine_rows(a, b))
+    report = {"min_cosine_pooled": worst, "bound_min_cosine": bound}
+    if worst < bound:
+        raise ExportError(f"{dst.name} misses its bound: cosine {worst:.6f} < {bound}")
+    return report
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    tasks: tuple[str, ...] = TASKS,
+    image_size: int | None = None,
+    opset: int = 18,
+    fp16: bool = False,
+    int8: bool = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write a bundle for ``checkpoint`` into ``out_dir`` and return its spec."""
+    t0 = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ExportError(f"unknown tasks {unknown}; available: {list(TASKS)}")
+    model = load_model(checkpoint)
+    size = image_size or model.cfg.img_size
+    model = resize_model(model, size)
+    if "reconstruct" in tasks and model.cfg.encoder_only:
+        raise ExportError("reconstruct needs a pretraining checkpoint (this one is encoder-only); use --tasks embed")
+    pre = preprocess_for(checkpoint, model, size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.cfg
+    rng = np.random.default_rng(seed)
+    real = real_images(pre)
+    default_ratio = 0.5
+    nm = max(1, min(c.num_patches - 1, int(round(default_ratio * c.num_patches))))
+    spec_tasks: dict[str, Any] = {}
+    for task in tasks:
+        path = out / f"{task}.onnx"
+        x_exp = torch.from_numpy(rng.standard_normal((2, c.in_chans, size, size)).astype(np.float32))
+        fresh = [rng.standard_normal((3, c.in_chans, size, size)).astype(np.float32)]
+        if real is not None:
+            fresh.append(real)
+        if task == "embed":
+            _export(EmbedGraph(model), (x_exp,), path, ["images"], ["tokens"], opset)
+            feeds = [{"images": x} for x in fresh]
+            io = {
+                "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", c.in_chans, size, size]}],
+                "outputs": [{"name": "tokens", "dtype": "float32", "shape": ["batch", 1 + c.num_patches, c.embed_dim]}],
+            }
+        else:
+            mask_exp = torch.from_numpy(_random_mask(2, c.num_patches, nm, rng))
+            _export(ReconstructGraph(model), (x_exp, mask_exp), path, ["images", "mask"], ["pred"], opset)
+            # parity also at another mask count than the one traced: the count is dynamic
+            feeds = [{"images": x, "mask": _random_mask(len(x), c.num_patches, k, rng)}
+                     for x, k in zip(fresh, (nm, max(1, nm // 2)), strict=False)]  # fmt: skip
+            io = {
+                "inputs": [
+                    {"name": "images", "dtype": "float32", "shape": ["batch", c.in_chans, size, size]},
+                    {"name": "mask", "dtype": "bool", "shape": ["batch", c.num_patches]},
+                ],
+                "outputs": [{"name": "pred", "dtype": "float32", "shape": ["batch", "num_masked", c.pred_dim]}],
+            }
+        parity = check_parity(task, path, model, feeds)
+        _logger.info("%s: max abs diff %.2e, min cosine %.7f", path.name, parity["max_abs_diff"], parity["min_cosine"])
+        entry: dict[str, Any] = {"file": path.name, **io, "precision": "fp32", "parity": parity, "variants": {}}
+        for kind, wanted in (("fp16", fp16), ("int8", int8)):
+            if wanted:
+                vpath = out / f"{task}.{kind}.onnx"
+                report = make_variant(kind, path, vpath, path, feeds)
+                entry["variants"][kind] = {"file": vpath.name, "parity": report}
+                _logger.info("%s: min cosine to fp32 %.6f", vpath.name, report["min_cosine_pooled"])
+        spec_tasks[task] = entry
+
+    spec: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "exporter_version": EXPORTER_VERSION,
+        "created_unix": int(time.time()),
+        "model": {
+            "id": f"{checkpoint.stem}-{sha256_file(checkpoint)[:12]}",
+            "source_file": checkpoint.name,
+            "source_sha256": sha256_file(checkpoint),
+            "config": {k: v for k, v in c.to_dict().items() if k != "extra"},
+        },
+        "image": {**pre.to_dict(), "patch_size": c.patch_size, "grid": list(c.grid_size),
+                  "num_patches": c.num_patches, "channels": c.in_chans},  # fmt: skip
+        "embed_dim": c.embed_dim,
+        "target": {"type": c.target, "pred_dim": c.pred_dim, "norm_pix_loss": c.norm_pix_loss,
+                   "default_mask_ratio": default_ratio},  # fmt: skip
+        "class_names": pre.class_names,
+        "tasks": spec_tasks,
+        "opset": opset,
+    }
+    spec["files"] = {p.name: _sha256(p) for p in sorted(out.glob("*.onnx"))}
+    validate_spec(spec)
+    tmp = out / "spec.json.tmp"
+    tmp.write_text(json.dumps(spec, indent=2))
+    tmp.replace(out / "spec.json")
+    _logger.info("wrote bundle %s (%s) in %.1fs", out, ", ".join(spec_tasks), time.perf_counter() - t0)
+    return spec
+
+
+def validate_spec(spec: dict[str, Any]) -> None:
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    try:
+        jsonschema.validate(spec, schema)
+    except jsonschema.ValidationError as e:
+        raise ExportError(f"spec.json does not match {SCHEMA_PATH.name}: {e.message} at {list(e.absolute_path)}") from e
+

@@ -1,0 +1,102 @@
+"""ONNX export: bundles, parity with PyTorch and with the official fixture, spec schema, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, tiny_overrides
+from tests.test_checkpoint import perturbed
+from training.models import CAEConfig, save_model
+
+ort = pytest.importorskip("onnxruntime")
+from export.onnx_export import ExportError, export_bundle, validate_spec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    model = perturbed(CAEConfig(**tiny_overrides(target="pixel")))
+    ckpt = save_model(model, root / "tiny.safetensors")
+    spec = export_bundle(ckpt, root / "out", fp16=True, int8=True)
+    return model, root / "out", spec
+
+
+def test_fixture_bundle_reproduces_official_outputs(official_fixture_dir, tmp_path):
+    spec = export_bundle(official_fixture_dir / "official_pretrain_ckpt.pth", tmp_path / "b")
+    inputs = np.load(official_fixture_dir / "inputs.npz")
+    ref = np.load(official_fixture_dir / "outputs.npz")
+    embed = ort.InferenceSession(str(tmp_path / "b" / "embed.onnx"))
+    (tokens,) = embed.run(None, {"images": inputs["images"]})
+    np.testing.assert_allclose(tokens, ref["encoder_all_tokens"], rtol=0, atol=1e-4)
+    rec = ort.InferenceSession(str(tmp_path / "b" / "reconstruct.onnx"))
+    (logits,) = rec.run(None, {"images": inputs["images"], "mask": inputs["bool_masked_pos"]})
+    np.testing.assert_allclose(logits, ref["decoder_logits_bmk"], rtol=0, atol=1e-4)
+    assert spec["target"]["type"] == "dalle" and spec["target"]["pred_dim"] == 8192
+    assert spec["image"]["mean"] == [0.485, 0.456, 0.406] and spec["image"]["grid"] == [8, 8]
+
+
+def test_tiny_bundle_layout_and_checksums(tiny_bundle):
+    _, out, spec = tiny_bundle
+    on_disk = json.loads((out / "spec.json").read_text())
+    assert on_disk == spec
+    validate_spec(on_disk)
+    assert set(spec["files"]) == {f"{t}{v}.onnx" for t in ("embed", "reconstruct") for v in ("", ".fp16", ".int8")}
+    import hashlib
+
+    for name, digest in spec["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    e = spec["tasks"]["embed"]
+    assert e["inputs"][0] == {"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32]}
+    assert e["outputs"][0]["shape"] == ["batch", 17, 64]
+    assert e["parity"]["max_abs_diff"] <= 1e-4 and e["parity"]["min_cosine"] >= 0.99999
+    assert e["variants"]["fp16"]["parity"]["min_cosine_pooled"] >= 0.999
+    assert e["variants"]["int8"]["parity"]["min_cosine_pooled"] >= 0.99
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dynamic_batch_and_mask_count(tiny_bundle, batch):
+    model, out, _ = tiny_bundle
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    (tokens,) = ort.InferenceSession(str(out / "embed.onnx")).run(None, {"images": x})
+    with torch.no_grad():
+        ref = model.forward_features(torch.from_numpy(x)).numpy()
+    assert tokens.shape == (batch, 17, 64)
+    np.testing.assert_allclose(tokens, ref, atol=1e-4)
+    for nm in (3, 11):
+        mask = np.zeros((batch, 16), dtype=bool)
+        mask[:, np.random.default_rng(nm).choice(16, nm, replace=False)] = True
+        (pred,) = ort.InferenceSession(str(out / "reconstruct.onnx")).run(None, {"images": x, "mask": mask})
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x), torch.from_numpy(mask)).pred.numpy()
+        assert pred.shape == (batch, nm, 8 * 8 * 3)
+        np.testing.assert_allclose(pred, ref, atol=1e-4)
+
+
+def test_export_at_another_image_size(tmp_path):
+    model = perturbed(CAEConfig(**tiny_overrides()))
+    ckpt = save_model(model, tmp_path / "m.safetensors")
+    spec = export_bundle(ckpt, tmp_path / "b", tasks=("embed",), image_size=48)
+    assert spec["image"]["grid"] == [6, 6] and spec["tasks"]["embed"]["outputs"][0]["shape"] == ["batch", 37, 64]
+    with pytest.raises(ExportError, match="multiple of the patch size"):
+        export_bundle(ckpt, tmp_path / "c", tasks=("embed",), image_size=50)
+
+
+def test_schema_rejects_broken_spec(tiny_bundle):
+    spec = json.loads(json.dumps(tiny_bundle[2]))
+    spec["files"]["embed.onnx"] = "not-a-hash"
+    with pytest.raises(ExportError, match="spec.json"):
+        validate_spec(spec)
+
+
+def test_cli_errors(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "export", "onnx", str(tmp_path / "missing.pth"), str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 2 and "no such file" in r.stderr
