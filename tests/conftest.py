@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The shared reference material sits beside the checkout; CAE_FIXTURES_DIR points elsewhere if needed.
-FIXTURES = Path(os.environ.get("CAE_FIXTURES_DIR", REPO.parent / "shared" / "fixtures"))
+# A copy of the official fixture ships with the tests (so CI always checks it); CAE_FIXTURES_DIR overrides.
+FIXTURES = Path(os.environ.get("CAE_FIXTURES_DIR", REPO / "tests" / "fixtures"))
 OFFICIAL_A = FIXTURES / "official-cae-a"
 
 
 @pytest.fixture(scope="session")
 def official_fixture_dir() -> Path:
     if not (OFFICIAL_A / "official_pretrain_ckpt.pth").exists():
-        pytest.skip(f"official fixture not found under {OFFICIAL_A} (set CAE_FIXTURES_DIR)")
+        pytest.fail(f"official fixture missing under {OFFICIAL_A} (it ships in tests/fixtures; CAE_FIXTURES_DIR overrides)")
     return OFFICIAL_A
 
 

@@ -19,7 +19,7 @@ from training.masking import (
     masks_to_bool,
 )
 
-FIXTURE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official-cae-a"
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "official-cae-a"
 
 CONFIGS = [
     ((14, 14), 98),
