@@ -222,3 +222,25 @@ def test_encoder_only_model_refuses_pretext():
     assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 17, 64)
     with pytest.raises(ValueError, match="encoder-only"):
         model(torch.randn(1, 3, 32, 32), random_mask(1, 16, 8))
+
+
+def test_ablation_variants():
+    torch.manual_seed(0)
+    images, mask = torch.randn(2, 3, 32, 32), random_mask(2, 16, 8)
+    mae = CAE(CAEConfig(**tiny_overrides(arch="mae", target="pixel")))
+    out = mae(images, mask)
+    assert out.pred.shape == (2, 8, 192) and out.latent_pred.shape == (2, 8, 0)
+    losses = mae.forward_loss(out, images)
+    assert float(losses["loss_align"]) == 0.0 and torch.equal(losses["loss"], losses["loss_main"])
+    losses["loss"].backward()
+    assert mae.encoder.patch_embed.proj.weight.grad is not None
+    assert mae.regresser.regressor_blocks[0].cross_attn.q.weight.grad is None  # unused in this ablation
+    align_only = CAE(CAEConfig(**tiny_overrides(recon_loss_weight=0.0, target="pixel")))
+    o = align_only(images, mask)
+    l2 = align_only.forward_loss(o, images)
+    assert torch.allclose(l2["loss"], l2["loss_align"])
+    no_align = CAE(CAEConfig(**tiny_overrides(align_loss_weight=0.0, target="pixel")))
+    l3 = no_align.forward_loss(no_align(images, mask), images)
+    assert float(l3["loss_align"]) == 0.0
+    with pytest.raises(ValueError, match="arch"):
+        CAEConfig(arch="beit")

@@ -59,6 +59,11 @@ class CAEConfig:
     vocab_size: int = 8192
     norm_pix_loss: bool = True
     align_loss_weight: float = 2.0
+    # ablations (paper §4.4), beside the faithful path: recon_loss_weight 0 = alignment without
+    # reconstruction; arch "mae" = no regressor/alignment split, mask tokens join the visible latents in
+    # one decoder (MAE-style)
+    recon_loss_weight: float = 1.0
+    arch: Literal["cae", "mae"] = "cae"
     # optional explicit widths (the official 1020-wide attention of Dd=1024 with 12 heads is the default
     # rule dim // heads * heads; these only matter for converted checkpoints with unusual shapes)
     mlp_hidden_dim: int | None = None
@@ -80,6 +85,8 @@ class CAEConfig:
                 problems.append(f"{name} {getattr(self, name)} must be divisible by 4 (2-D sin-cos table)")
         if self.decoder_num_heads <= 0 or self.decoder_embed_dim // self.decoder_num_heads == 0:
             problems.append(f"decoder_num_heads {self.decoder_num_heads} is invalid for Dd {self.decoder_embed_dim}")
+        if self.arch not in ("cae", "mae"):
+            problems.append(f"arch must be 'cae' or 'mae', got {self.arch!r}")
         if self.target not in ("dalle", "pixel"):
             problems.append(f"target must be 'dalle' or 'pixel', got {self.target!r}")
         for name in ("depth", "regressor_depth"):
@@ -440,12 +447,29 @@ class CAE(nn.Module):
             raise ValueError("CAE.forward needs a mask; use forward_features(images) for plain features")
         self._require_pretext()
         tokens = self.encoder.embed(images)
-        vis_idx, _ = mask_indices(mask)
+        vis_idx, msk_idx = mask_indices(mask)
         latent_visible = self.encoder.encode_tokens(tokens, vis_idx)
+        if self.cfg.arch == "mae":
+            return self._forward_mae(latent_visible, mask, vis_idx, msk_idx)
         latent_target = self.forward_target(images, mask, tokens=tokens)
         latent_pred = self.forward_regressor(latent_visible, mask)
         pred = self.forward_decoder(latent_pred, mask)
         return CAEOutput(latent_visible, latent_pred, latent_target, pred, mask)
+
+    def _forward_mae(self, latent_visible: Tensor, mask: Tensor, vis_idx: Tensor, msk_idx: Tensor) -> CAEOutput:
+        """Ablation: MAE-style decoding. Mask tokens and visible latents (with positions) share one
+        self-attention decoder; there is no regressor and no alignment target. (The regressor's
+        parameters stay in the model, unused, so checkpoints keep one layout.)"""
+        b = latent_visible.shape[0]
+        x_visible = self._project(latent_visible)[:, 1:]
+        pos = self.rd_pos_embed[:, 1:].to(x_visible.dtype).expand(b, -1, -1)
+        x_masked = self.mask_token.to(x_visible.dtype).expand(b, msk_idx.shape[1], -1)
+        x = torch.cat([x_visible + _gather_tokens(pos, vis_idx), x_masked + _gather_tokens(pos, msk_idx)], dim=1)
+        for blk in self.decoder.decoder_blocks:
+            x = blk(x)
+        pred = self.decoder.head(self.decoder.norm(x[:, x_visible.shape[1] :]))
+        empty = x.new_zeros(b, msk_idx.shape[1], 0)
+        return CAEOutput(latent_visible, empty, empty, pred, mask)
 
     # ------------------------------------------------------------------ loss
     def pixel_targets(self, images: Tensor, mask: Tensor) -> Tensor:
@@ -478,8 +502,12 @@ class CAE(nn.Module):
             tgt = self.pixel_targets(target, mask)
             loss_main = F.mse_loss(out.pred.float(), tgt)
             acc = None
-        loss_align = self.cfg.align_loss_weight * F.mse_loss(out.latent_pred.float(), out.latent_target.float())
-        losses = {"loss": loss_main + loss_align, "loss_main": loss_main, "loss_align": loss_align}
+        if out.latent_pred.shape[-1] == 0:  # MAE-style ablation: nothing to align
+            loss_align = loss_main.new_zeros(())
+        else:
+            loss_align = self.cfg.align_loss_weight * F.mse_loss(out.latent_pred.float(), out.latent_target.float())
+        loss = self.cfg.recon_loss_weight * loss_main + loss_align
+        losses = {"loss": loss, "loss_main": loss_main, "loss_align": loss_align}
         if acc is not None:
             losses["mlm_acc"] = acc
         return losses
