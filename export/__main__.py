@@ -60,6 +60,31 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tensorrt(args: argparse.Namespace) -> int:
+    from export.tensorrt import TensorRTError, export_tensorrt
+
+    try:
+        export_tensorrt(args.bundle, fp16=args.fp16, int8=args.int8, calib_dir=args.calib_dir,
+                        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)  # fmt: skip
+    except TensorRTError as e:
+        _logger.error("%s", e)
+        return 2
+    return 0
+
+
+def _cmd_triton(args: argparse.Namespace) -> int:
+    from export.triton import TritonError, export_triton
+
+    try:
+        export_triton(args.bundle, args.repo, prefix=args.prefix, max_batch_size=args.max_batch_size,
+                      instance_kind=args.instance_kind, instances=args.instances,
+                      max_queue_delay_us=args.max_queue_delay_us)  # fmt: skip
+    except TritonError as e:
+        _logger.error("%s", e)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--int8", action="store_true", help="also write int8 graphs (ORT dynamic quantization, cosine >= 0.99)")
     o.add_argument("--json", action="store_true", help="print spec.json on stdout")
     o.set_defaults(func=_cmd_onnx)
+    r = sub.add_parser("tensorrt", help="TensorRT engines from a bundle's ONNX graphs (needs a CUDA GPU)")
+    r.add_argument("bundle", help="bundle directory written by `python -m export onnx`")
+    r.add_argument("--fp16", action="store_true")
+    r.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (needs --calib-dir)")
+    r.add_argument("--calib-dir", default=None, help="folder of real images for INT8 calibration")
+    r.add_argument("--min-batch", type=int, default=1)
+    r.add_argument("--opt-batch", type=int, default=8)
+    r.add_argument("--max-batch", type=int, default=64)
+    r.set_defaults(func=_cmd_tensorrt)
+    tr = sub.add_parser("triton", help="an NVIDIA Triton model repository from a bundle")
+    tr.add_argument("bundle", help="bundle directory written by `python -m export onnx`")
+    tr.add_argument("repo", help="Triton model repository to write")
+    tr.add_argument("--prefix", default="cae")
+    tr.add_argument("--max-batch-size", type=int, default=64)
+    tr.add_argument("--instance-kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"])
+    tr.add_argument("--instances", type=int, default=1)
+    tr.add_argument("--max-queue-delay-us", type=int, default=2000)
+    tr.set_defaults(func=_cmd_triton)
     t = sub.add_parser(
         "convert-tokenizer",
         help="OpenAI DALL-E encoder.pkl -> safetensors (restricted unpickling, done once)",

@@ -100,3 +100,41 @@ def test_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "export", "onnx", str(tmp_path / "missing.pth"), str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, cwd=REPO)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_triton_repository(tiny_bundle, tmp_path):
+    from export.triton import export_triton, validate_config
+
+    _, out, spec = tiny_bundle
+    dirs = export_triton(out, tmp_path / "repo", max_batch_size=16, instance_kind="KIND_CPU")
+    assert sorted(d.name for d in dirs) == ["cae_embed", "cae_reconstruct"]
+    embed = (tmp_path / "repo" / "cae_embed" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in embed and "max_batch_size: 16" in embed
+    assert "dims: [ 3, 32, 32 ]" in embed and "dims: [ 17, 64 ]" in embed and "dynamic_batching" in embed
+    rec = (tmp_path / "repo" / "cae_reconstruct" / "config.pbtxt").read_text()
+    assert "TYPE_BOOL" in rec and "dims: [ -1, 192 ]" in rec and "dynamic_batching" not in rec
+    assert (tmp_path / "repo" / "cae_embed" / "1" / "model.onnx").read_bytes() == (out / "embed.onnx").read_bytes()
+    pytest.importorskip("tritonclient.grpc")
+    from export.triton import TritonError
+
+    validate_config(embed)
+    with pytest.raises(TritonError, match="ModelConfig"):
+        validate_config(embed.replace("max_batch_size", "max_batch"))
+    with pytest.raises(TritonError, match="dims"):
+        validate_config(embed.replace("dims: [ 17, 64 ]", "dims: [ 0, 64 ]"))
+
+
+def test_tensorrt_needs_gpu(tiny_bundle):
+    """Runs the real build + parity where TensorRT and a GPU exist; elsewhere checks the clear error."""
+    from export.tensorrt import TensorRTError, export_tensorrt
+
+    _, out, _ = tiny_bundle
+    if not torch.cuda.is_available():
+        with pytest.raises(TensorRTError, match="TensorRT|GPU"):
+            export_tensorrt(out)
+        pytest.skip("no CUDA GPU here: TensorRT engines were not built")
+    pytest.importorskip("tensorrt")
+    spec = export_tensorrt(out, fp16=True, min_batch=1, opt_batch=4, max_batch=8)
+    for task in ("embed", "reconstruct"):
+        eng = spec["tasks"][task]["tensorrt"][-1]
+        assert eng["parity"]["min_cosine_vs_onnxruntime"] >= 0.999 and (out / eng["file"]).exists()
