@@ -252,26 +252,31 @@ class Encoder(nn.Module):
         return self.encode_tokens(tokens, idx)
 
 
+def _decoder_stack(block: type[Block] | type[RegressorBlock], cfg: CAEConfig, depth: int) -> nn.ModuleList:
+    """``depth`` blocks of width Dd with the regressor/decoder heads, MLP, layer scale and drop-path ramp."""
+    dpr = torch.linspace(0, cfg.drop_path_rate, max(depth, 1)).tolist()
+    return nn.ModuleList(
+        block(
+            cfg.decoder_embed_dim,
+            cfg.decoder_num_heads,
+            mlp_ratio=cfg.decoder_mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            drop_path=dpr[i],
+            init_values=cfg.decoder_layer_scale_init_value,
+            mlp_hidden_dim=cfg.decoder_mlp_hidden_dim,
+            norm_eps=cfg.norm_eps,
+        )
+        for i in range(depth)
+    )
+
+
 class Regressor(nn.Module):
     """The latent contextual regressor (``regresser.*`` in official checkpoints)."""
 
     def __init__(self, cfg: CAEConfig) -> None:
         super().__init__()
         dd = cfg.decoder_embed_dim
-        dpr = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, cfg.regressor_depth)]
-        self.regressor_blocks = nn.ModuleList(
-            RegressorBlock(
-                dd,
-                cfg.decoder_num_heads,
-                mlp_ratio=cfg.decoder_mlp_ratio,
-                qkv_bias=cfg.qkv_bias,
-                drop_path=dpr[i],
-                init_values=cfg.decoder_layer_scale_init_value,
-                mlp_hidden_dim=cfg.decoder_mlp_hidden_dim,
-                norm_eps=cfg.norm_eps,
-            )
-            for i in range(cfg.regressor_depth)
-        )
+        self.regressor_blocks = _decoder_stack(RegressorBlock, cfg, cfg.regressor_depth)
         self.norm = nn.LayerNorm(dd, eps=cfg.norm_eps)
 
     def forward(self, x_masked: Tensor, x_visible: Tensor, pos_masked: Tensor, pos_visible: Tensor) -> Tensor:
@@ -288,20 +293,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: CAEConfig) -> None:
         super().__init__()
         dd = cfg.decoder_embed_dim
-        dpr = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, max(cfg.decoder_depth, 1))]
-        self.decoder_blocks = nn.ModuleList(
-            Block(
-                dd,
-                cfg.decoder_num_heads,
-                mlp_ratio=cfg.decoder_mlp_ratio,
-                qkv_bias=cfg.qkv_bias,
-                drop_path=dpr[i],
-                init_values=cfg.decoder_layer_scale_init_value,
-                mlp_hidden_dim=cfg.decoder_mlp_hidden_dim,
-                norm_eps=cfg.norm_eps,
-            )
-            for i in range(cfg.decoder_depth)
-        )
+        self.decoder_blocks = _decoder_stack(Block, cfg, cfg.decoder_depth)
         self.norm = nn.LayerNorm(dd, eps=cfg.norm_eps)
         self.head = nn.Linear(dd, cfg.pred_dim)
 
