@@ -1,0 +1,87 @@
+"""The one small interface every inference runtime implements.
+
+A backend runs a bundle's task graphs (``embed``, ``reconstruct``; later ``segment``, ``detect``) on
+numpy arrays: ``infer(task, {input name: array with a batch axis}) -> first output``. It knows nothing
+about HTTP, images or batching. Runtimes are imported inside ``load`` only, so merely importing this
+package never pulls in onnxruntime, OpenVINO, TensorRT or torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..bundle import Bundle
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run here or cannot run this bundle; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # intra-op threads; 0 = the runtime's default
+    cache_dir: Path | None = None  # for runtimes that build engines (TensorRT EP)
+    max_batch_size: int = 32  # the batcher's largest batch (engine profiles are built for it)
+
+
+def missing_modules(*names: str) -> str | None:
+    """A reason string if any module is not installed (checked without importing it)."""
+    absent = [n for n in names if importlib.util.find_spec(n) is None]
+    return f"not installed: {', '.join(absent)}" if absent else None
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    #: precisions this backend can run, fastest first (``precisions`` filters them for a bundle)
+    speed_order: ClassVar[tuple[str, ...]] = ("fp32",)
+
+    def __init__(self, options: BackendOptions | None = None) -> None:
+        self.options = options or BackendOptions()
+        self.precision = "fp32"
+        self.device = "cpu"
+        self.task_precision: dict[str, str] = {}
+        self.capabilities: frozenset[str] = frozenset()
+        self.max_batch_size: int | None = None  # a hard cap of the runtime (engine profile), if any
+
+    @classmethod
+    def probe(cls) -> str | None:
+        """None if the runtime is importable, else why not (cheap: imports nothing)."""
+        return None
+
+    def precisions(self, bundle: Bundle) -> list[str]:
+        """Precisions this backend could run for ``bundle``, fastest first."""
+        return [p for p in self.speed_order if any(bundle.graph(t, p) is not None for t in bundle.tasks)]
+
+    def recorded_cosine(self, bundle: Bundle, precision: str) -> float | None:
+        """The exporter's measured cosine to fp32 for this precision (1.0 for fp32, None if unmeasured)."""
+        if precision == "fp32":
+            return 1.0
+        return bundle.recorded_cosine("embed", precision)
+
+    @abstractmethod
+    def load(self, bundle: Bundle, precision: str = "fp32") -> None:
+        """Prepare every task of ``bundle``; raise BackendUnavailable with a reason if it cannot."""
+
+    @abstractmethod
+    def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run ``task`` on one batch; returns the graph's first output. Called from worker threads."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release runtime resources."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "device": self.device,
+            "task_precision": dict(self.task_precision),
+            "tasks": sorted(self.capabilities),
+            "max_batch_size": self.max_batch_size,
+        }

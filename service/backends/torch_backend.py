@@ -1,0 +1,87 @@
+"""PyTorch (optional): runs the original checkpoint when the bundle directory carries ``model.safetensors``.
+
+Never chosen by ``auto`` and never imported unless ``backend=torch``: torch is imported inside ``load``.
+The checkpoint must be the one the bundle was exported from (its sha256 is ``spec.model.source_sha256``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle, sha256_file
+from .base import Backend, BackendUnavailable, missing_modules
+
+_logger = logging.getLogger("service")
+
+CHECKPOINT_NAME = "model.safetensors"
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    speed_order = ("fp32", "bf16")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._model: Any = None
+        self._torch: Any = None
+
+    @classmethod
+    def probe(cls) -> str | None:
+        return missing_modules("torch", "safetensors")
+
+    def precisions(self, bundle: Bundle) -> list[str]:
+        return ["fp32"] if (bundle.path / CHECKPOINT_NAME).is_file() else []
+
+    def load(self, bundle: Bundle, precision: str = "fp32") -> None:
+        ckpt = bundle.path / CHECKPOINT_NAME
+        if not ckpt.is_file():
+            raise BackendUnavailable(f"the torch backend needs {CHECKPOINT_NAME} in the bundle directory")
+        if precision not in ("fp32", "bf16"):
+            raise BackendUnavailable(f"the torch backend runs fp32 or bf16, not {precision}")
+        expected = bundle.spec["model"]["source_sha256"]
+        if sha256_file(ckpt) != expected:
+            raise BackendUnavailable(
+                f"{ckpt.name} is not the checkpoint this bundle was exported from (sha256)"
+            )
+        import torch
+
+        from training.models import load_model
+
+        if self.options.threads:
+            torch.set_num_threads(self.options.threads)
+        model = load_model(ckpt).eval()
+        if model.cfg.img_size != bundle.image.size:
+            raise BackendUnavailable(
+                f"the checkpoint is {model.cfg.img_size}px, the bundle {bundle.image.size}px"
+            )
+        use_cuda = self.options.device != "cpu" and torch.cuda.is_available()
+        if self.options.device == "cuda" and not use_cuda:
+            raise BackendUnavailable("torch sees no CUDA GPU")
+        self.device = "cuda" if use_cuda else "cpu"
+        self._model, self._torch = model.to(self.device), torch
+        tasks = ["embed"] + (["reconstruct"] if not model.cfg.encoder_only else [])
+        self.capabilities = frozenset(t for t in tasks if t in bundle.tasks)
+        self.precision = precision
+        self.task_precision = dict.fromkeys(self.capabilities, precision)
+
+    def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch, model = self._torch, self._model
+        images = torch.from_numpy(inputs["images"]).to(self.device)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device, dtype=dtype, enabled=self.precision == "bf16"),
+        ):
+            if task == "embed":
+                out = model.forward_features(images)
+            elif task == "reconstruct":
+                out = model(images, torch.from_numpy(inputs["mask"]).to(self.device)).pred
+            else:
+                raise BackendUnavailable(f"the torch backend has no task {task}")
+        return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self._model = None

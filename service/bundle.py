@@ -1,0 +1,186 @@
+"""Reading a model bundle (``export/onnx_export.py`` writes it) and refusing a damaged one.
+
+A bundle is trusted only after every file ``spec.json`` lists matches its sha256, and every graph the
+spec references is among those files: a server must never load a graph nobody checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .settings import REPO_ROOT
+
+_logger = logging.getLogger("service")
+
+# The exporter's schema, read as a file: importing the ``export`` package would import torch.
+SCHEMA_PATH = REPO_ROOT / "export" / "spec_schema.json"
+FORMAT = "cae-bundle"
+FORMAT_VERSION = 1
+
+
+class BundleError(RuntimeError):
+    """The bundle is missing, malformed, or altered; the message says which file and how."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    patch_size: int
+    grid: tuple[int, int]
+    num_patches: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    spec: dict[str, Any] = field(repr=False)
+    model_id: str
+    image: ImageSpec
+    embed_dim: int
+    target_type: str  # "pixel" | "dalle"
+    pred_dim: int
+    norm_pix_loss: bool
+    default_mask_ratio: float
+    class_names: list[str] | None
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.spec["tasks"])
+
+    def graph(self, task: str, precision: str) -> Path | None:
+        """The ONNX file of ``task`` at ``precision`` (fp32 = the main graph), or None if not exported."""
+        entry = self.spec["tasks"].get(task)
+        if entry is None:
+            return None
+        if precision == entry.get("precision", "fp32"):
+            return self.path / entry["file"]
+        variant = entry.get("variants", {}).get(precision)
+        return self.path / variant["file"] if variant else None
+
+    def recorded_cosine(self, task: str, precision: str) -> float | None:
+        """The exporter's measured cosine of a reduced-precision variant to fp32 (None if unknown)."""
+        variant = self.spec["tasks"].get(task, {}).get("variants", {}).get(precision)
+        if not variant:
+            return None
+        value = variant.get("parity", {}).get("min_cosine_pooled")
+        return float(value) if value is not None else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _validate_schema(spec: dict[str, Any]) -> None:
+    try:
+        import jsonschema
+    except ImportError:
+        _logger.info("jsonschema not installed: spec.json checked field by field only")
+        return
+    if not SCHEMA_PATH.exists():
+        _logger.info("%s not found: spec.json checked field by field only", SCHEMA_PATH)
+        return
+    try:
+        jsonschema.validate(spec, json.loads(SCHEMA_PATH.read_text()))
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise BundleError(f"spec.json does not match the bundle schema at {where}: {e.message}") from None
+
+
+def _referenced_files(spec: dict[str, Any]) -> set[str]:
+    names = set()
+    for entry in spec["tasks"].values():
+        names.add(entry["file"])
+        names.update(v["file"] for v in entry.get("variants", {}).values())
+        names.update(e["file"] for e in entry.get("tensorrt", []))
+    return names
+
+
+def verify_files(path: Path, spec: dict[str, Any]) -> None:
+    files: dict[str, str] = spec.get("files") or {}
+    unlisted = sorted(_referenced_files(spec) - set(files))
+    if unlisted:
+        raise BundleError(f"spec.json references {unlisted} without a sha256 for them; re-export the bundle")
+    for name, expected in sorted(files.items()):
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise BundleError(f"spec.json lists an invalid file name {name!r}")
+        f = path / name
+        if not f.is_file():
+            raise BundleError(f"{f}: missing (spec.json lists it); re-export or restore the bundle")
+        found = sha256_file(f)
+        if found != expected:
+            raise BundleError(
+                f"{f}: sha256 mismatch (spec.json {expected[:12]}..., file {found[:12]}...): the file was "
+                "altered or corrupted; re-export or restore the bundle"
+            )
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read ``spec.json`` in ``path``, validate it and (``verify``) check every file's sha256."""
+    path = Path(path)
+    spec_path = path / "spec.json"
+    if not spec_path.is_file():
+        raise BundleError(
+            f"{spec_path}: not found; point --model-dir or CAE_MODEL_DIR at a bundle "
+            "(python -m export onnx CHECKPOINT DIR writes one)"
+        )
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{spec_path}: unreadable ({type(e).__name__})") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise BundleError(f"{spec_path}: not a {FORMAT} spec")
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{spec_path}: format_version {spec.get('format_version')!r}, this server reads {FORMAT_VERSION}"
+        )
+    _validate_schema(spec)
+    try:
+        img = spec["image"]
+        image = ImageSpec(
+            size=int(img["size"]),
+            mean=tuple(map(float, img["mean"])),
+            std=tuple(map(float, img["std"])),
+            interpolation=str(img["interpolation"]),
+            patch_size=int(img["patch_size"]),
+            grid=(int(img["grid"][0]), int(img["grid"][1])),
+            num_patches=int(img["num_patches"]),
+            channels=int(img["channels"]),
+        )
+        target = spec["target"]
+        bundle = Bundle(
+            path=path,
+            spec=spec,
+            model_id=str(spec["model"]["id"]),
+            image=image,
+            embed_dim=int(spec["embed_dim"]),
+            target_type=str(target["type"]),
+            pred_dim=int(target["pred_dim"]),
+            norm_pix_loss=bool(target.get("norm_pix_loss", False)),
+            default_mask_ratio=float(target.get("default_mask_ratio", 0.5)),
+            class_names=spec.get("class_names"),
+        )
+        tasks = dict(spec["tasks"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise BundleError(f"{spec_path}: missing or malformed field ({type(e).__name__}: {e})") from None
+    if not tasks:
+        raise BundleError(f"{spec_path}: no tasks")
+    if image.channels not in (1, 3) or len(image.mean) != image.channels or len(image.std) != image.channels:
+        raise BundleError(f"{spec_path}: image.channels must be 1 or 3 with one mean/std per channel")
+    if image.grid[0] * image.grid[1] != image.num_patches or image.grid[0] * image.patch_size != image.size:
+        raise BundleError(f"{spec_path}: image grid, patch size and size disagree")
+    if verify:
+        verify_files(path, spec)
+    return bundle
