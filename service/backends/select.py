@@ -1,15 +1,18 @@
 """Choosing and loading a backend.
 
-``backend=auto`` walks a fixed speed ranking of (runtime, precision) pairs, fastest first, and takes the
-first one that is installed, can run the bundle here, and meets the accuracy bound ``min_cosine`` (the
-minimum cosine of pooled embeddings to the fp32 graph): the exporter's recorded parity where the bundle
-has it, else measured now against ONNX Runtime fp32 on fixed inputs. torch is never an automatic
-choice. An explicit backend or precision is taken as given (a failure to load is an error).
+``backend=auto`` walks a ranking of (runtime, precision) pairs, keeps those that are installed, can run
+the bundle here, and meet the accuracy bound ``min_cosine`` (the minimum cosine of pooled embeddings to
+the fp32 graph: the exporter's recorded parity where the bundle has it, else measured now against ONNX
+Runtime fp32 on fixed inputs), then **times** the first few on this machine and keeps the fastest: which
+runtime wins depends on the CPU (AMX vs AVX-512-BF16 vs neither) and on the model size, so it is measured,
+not assumed. torch is never an automatic choice. An explicit backend or precision is taken as given (a
+failure to load is an error).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,9 +53,24 @@ class Selection:
     reason: str
     measured_cosine: float | None = None
     skipped: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # candidate -> images/s measured at start-up
 
     def describe(self) -> dict[str, Any]:
-        return {"reason": self.reason, "measured_cosine": self.measured_cosine, "skipped": self.skipped}
+        return {"reason": self.reason, "measured_cosine": self.measured_cosine, "skipped": self.skipped,
+                "images_per_s": self.timings}  # fmt: skip
+
+
+def measure_throughput(backend: Backend, bundle: Bundle, batch: int = 8, seconds: float = 0.5) -> float:
+    """Images/s of the embed task on probe inputs (after one warm-up call)."""
+    if "embed" not in bundle.tasks:
+        return 0.0
+    x = np.concatenate([_probe_inputs(bundle)] * ((batch + 3) // 4))[:batch]
+    backend.infer("embed", {"images": x})
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < seconds:
+        backend.infer("embed", {"images": x})
+        n += batch
+    return n / (time.perf_counter() - t0)
 
 
 def _probe_inputs(bundle: Bundle, n: int = 4) -> np.ndarray:
@@ -115,6 +133,7 @@ def select_backend(
     precision: str = "auto",
     options: BackendOptions | None = None,
     min_cosine: float = 0.999,
+    max_timed: int = 3,
 ) -> Selection:
     """Load the backend the settings ask for (see the module docstring); raise BackendUnavailable if none."""
     options = options or BackendOptions()
@@ -137,14 +156,28 @@ def select_backend(
     # an explicitly configured precision is taken as given: no accuracy gate
     gate = min_cosine if precision == "auto" else None
     skipped: list[str] = []
+    viable: list[tuple[Backend, float | None, str]] = []
     for name, prec in candidates:
+        if len(viable) >= max_timed:
+            break
         try:
             loaded, measured = _try(name, prec, bundle, options, gate)
         except BackendUnavailable as e:
             skipped.append(f"{name} {prec}: {e}")
             _logger.debug("backend candidate %s %s skipped: %s", name, prec, e)
             continue
-        return Selection(loaded, what, measured, skipped)
+        viable.append((loaded, measured, f"{name} {prec}"))
+    if len(viable) == 1 or (viable and max_timed <= 1):
+        return Selection(viable[0][0], what, viable[0][1], skipped)
+    if viable:
+        timings = {label: measure_throughput(b, bundle) for b, _, label in viable}
+        best = max(range(len(viable)), key=lambda i: timings[viable[i][2]])
+        for i, (b, _, _) in enumerate(viable):
+            if i != best:
+                b.close()
+        _logger.info("backend timings (images/s, embed batch 8): %s", {k: round(v, 1) for k, v in timings.items()})
+        loaded, measured, _ = viable[best]
+        return Selection(loaded, what + ", timed here", measured, skipped, timings)
     raise BackendUnavailable(
         "no backend can serve this bundle here: " + ("; ".join(skipped) or "no candidates")
     )
