@@ -463,10 +463,21 @@ def save_checkpoint(
     }
     _atomic_torch_save(obj, path)
     _write_json_atomic(out_dir / CKPT_POINTER, {"checkpoint": name, "epoch": epoch, "step_in_epoch": step_in_epoch})
-    ckpts = sorted(out_dir.glob("checkpoint-*.pth"))
-    for old in ckpts[:-keep_last]:
-        old.unlink(missing_ok=True)
+    _prune_checkpoints(out_dir, steps_per_epoch, keep_last)
     return path
+
+
+def _prune_checkpoints(out_dir: Path, steps_per_epoch: int, keep_last: int) -> None:
+    """Keep the last ``keep_last`` epoch-end checkpoints, plus the newest mid-epoch one if it is newer:
+    frequent step checkpoints must not push the epoch checkpoints out."""
+    ckpts = sorted(out_dir.glob("checkpoint-*.pth"))
+    ends = [p for p in ckpts if int(p.stem.split("-")[2]) >= steps_per_epoch]
+    keep = set(ends[-keep_last:])
+    if ckpts and ckpts[-1] not in keep:
+        keep.add(ckpts[-1])  # the resume point
+    for p in ckpts:
+        if p not in keep:
+            p.unlink(missing_ok=True)
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:

@@ -432,6 +432,11 @@ def load_state_dict_any(path: str | Path, **overrides: Any) -> tuple[CAEConfig, 
 
 
 def _interpret(ckpt: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[CAEConfig, dict[str, Tensor], dict[str, Any]]:
+    if ckpt.get("format") == "cae-service-train" and isinstance(ckpt.get("model_config"), Mapping):
+        # our own training checkpoint: the exact config is stored, nothing to infer
+        cfg = CAEConfig.from_dict({**ckpt["model_config"], **overrides})
+        info = {"flavour": "ours-train", "dropped_alignment_keys": 0, "args_model": None, "epoch": ckpt.get("epoch")}
+        return cfg, dict(ckpt["model"]), info
     sd = _find_state_dict(ckpt)
     flavour = _detect_flavour(sd)
     args = ckpt.get("args")
