@@ -251,3 +251,13 @@ def test_cli_json(assets: dict[str, Path]) -> None:
         cmd[:-1] + ["--set", "nope=1"], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "unknown knn parameter 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize("feature", ["mean", "cls+mean"])
+def test_pooled_patch_features(assets: dict[str, Path], feature: str) -> None:
+    r = _eval(assets, "knn", overrides=[*FAST["knn"], f"feature={feature}"])
+    assert r["params"]["feature"] == feature and r["top1"] > 60
+    lin = _eval(assets, "linear", overrides=[*FAST["linear"], f"feature={feature}"])
+    assert lin["feature_dim"] in (32, 64) and 0 <= lin["top1"] <= 100
+    with pytest.raises(E.EvalError, match="feature must be"):
+        _eval(assets, "knn", overrides=["feature=max"])

@@ -95,6 +95,9 @@ class CommonParams:
 
 @dataclass
 class KnnParams(CommonParams):
+    # cls (official: the cls token after the final norm) | mean (mean of the patch tokens after the final
+    # norm) | cls+mean (both, concatenated)
+    feature: str = "cls"
     k: int = 20
     temperature: float = 0.07
     chunk_size: int = 1024
@@ -102,6 +105,7 @@ class KnnParams(CommonParams):
 
 @dataclass
 class LinearParams(CommonParams):
+    feature: str = "cls"  # as KnnParams.feature; cls is the official linear-probe feature
     epochs: int = 100
     batch_size: int = 1024
     # lr = base_lr x batch / 256 as officially, but base 1.0, not 0.1: LARS (trust 0.001) moves the weights
@@ -224,6 +228,8 @@ def _validate_params(p: CommonParams) -> None:
     for name in ("lr", "base_lr", "temperature"):
         if hasattr(p, name) and getattr(p, name) <= 0:
             problems.append(f"{name} must be > 0")
+    if getattr(p, "feature", "cls") not in FEATURES:
+        problems.append(f"feature must be one of {list(FEATURES)}, got {p.feature!r}")  # type: ignore[attr-defined]
     if isinstance(p, FinetuneParams) and not 0 < p.layer_decay <= 1:
         problems.append("layer_decay must be in (0, 1]")
     if problems:
@@ -734,11 +740,26 @@ def knn_classify(
     return out
 
 
+FEATURES = ("cls", "mean", "cls+mean")
+
+
+def _vectors(split: _Split, feature: str, chunk: int = 4096) -> np.ndarray:
+    """Per-image vectors for kNN / linear: the cached cls token, the mean of the cached patch tokens
+    (computed in chunks from the float16 memory map), or both concatenated."""
+    if feature == "cls":
+        return np.asarray(split.features["cls"])
+    tokens = split.features["tokens"]
+    mean = np.concatenate(
+        [np.asarray(tokens[i : i + chunk, 1:], dtype=np.float32).mean(axis=1) for i in range(0, len(tokens), chunk)]
+    )
+    return mean if feature == "mean" else np.concatenate([np.asarray(split.features["cls"]), mean], axis=1)
+
+
 def _run_knn(p: KnnParams, tr: _Split, te: _Split, nc: int, device: torch.device) -> dict[str, Any]:
     scores = knn_classify(
-        torch.from_numpy(tr.features["cls"]).to(device),
+        torch.from_numpy(_vectors(tr, p.feature)).to(device),
         torch.from_numpy(tr.features["labels"]).to(device),
-        torch.from_numpy(te.features["cls"]).to(device),
+        torch.from_numpy(_vectors(te, p.feature)).to(device),
         nc,
         k=p.k,
         temperature=p.temperature,
@@ -837,7 +858,7 @@ def _run_linear(
     """Linear probe on cached cls features (after the final norm). No augmentation: every epoch sees the
     same evaluation-view features (the official probe uses RandomResizedCrop + flip)."""
     torch.manual_seed(seed)
-    x = torch.from_numpy(np.asarray(tr.features["cls"])).to(device)
+    x = torch.from_numpy(_vectors(tr, p.feature)).to(device)
     y = torch.from_numpy(np.asarray(tr.features["labels"])).to(device)
     n = x.shape[0]
     probe = LinearProbe(x.shape[1], nc).to(device)
@@ -870,7 +891,7 @@ def _run_linear(
         loss_mean = loss_sum / max(count, 1)
         progress.update(epoch + 1, extra=f"loss {loss_mean:.4f} lr {opt.param_groups[0]['lr']:.3g}")
     probe.eval()
-    xt = torch.from_numpy(np.asarray(te.features["cls"])).to(device)
+    xt = torch.from_numpy(_vectors(te, p.feature)).to(device)
     yt = torch.from_numpy(np.asarray(te.features["labels"]))
     with torch.no_grad():
         scores = torch.cat([probe(xt[s : s + 4096]).float().cpu() for s in range(0, xt.shape[0], 4096)])
@@ -1239,7 +1260,7 @@ def _dispatch(
     if protocol == "finetune":
         res = _run_finetune(params, backbone, spec, transform, preprocess, dev, amp, seed)  # type: ignore[arg-type]
         return res, None, res.pop("n_train"), res.pop("n_test"), res.pop("num_classes")
-    need_tokens = protocol == "attentive"
+    need_tokens = protocol == "attentive" or getattr(params, "feature", "cls") != "cls"
     tr = _get_features(backbone, spec, "train", need_tokens, params, transform, preprocess, amp, dev, cache)
     te = _get_features(backbone, spec, "test", need_tokens, params, transform, preprocess, amp, dev, cache)
     if tr.classes and te.classes and tr.classes != te.classes:
