@@ -138,3 +138,26 @@ def test_tensorrt_needs_gpu(tiny_bundle):
     for task in ("embed", "reconstruct"):
         eng = spec["tasks"][task]["tensorrt"][-1]
         assert eng["parity"]["min_cosine_vs_onnxruntime"] >= 0.999 and (out / eng["file"]).exists()
+
+
+def test_default_bundle_is_consistent_and_reexports(tmp_path):
+    """The committed default bundle: checksums match, graphs equal its checkpoint, and it re-exports."""
+    import hashlib
+
+    from training.models import load_model
+
+    bundle = REPO / "models" / "default"
+    spec = json.loads((bundle / "spec.json").read_text())
+    validate_spec(spec)
+    for name, digest in spec["files"].items():
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest, name
+    ckpt = bundle / "model.safetensors"
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == spec["model"]["source_sha256"]
+    model = load_model(ckpt)
+    x = np.random.default_rng(0).standard_normal((3, 3, 28, 28)).astype(np.float32)
+    (tokens,) = ort.InferenceSession(str(bundle / "embed.onnx")).run(None, {"images": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(tokens, model.forward_features(torch.from_numpy(x)).numpy(), atol=1e-4)
+    fresh = export_bundle(ckpt, tmp_path / "re", tasks=("embed",))
+    assert fresh["tasks"]["embed"]["parity"]["max_abs_diff"] <= 1e-4
+    assert spec["class_names"] and len(spec["class_names"]) == 10
