@@ -471,12 +471,14 @@ def _sniff(path: Path) -> str:
         raise CheckpointError(f"{path}: empty file")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_PICKLE_PREFIX):
-        return "torch"
+    # safetensors first: its first byte is the low byte of the header length, which can be 0x80 and
+    # would otherwise pass for a pickle protocol opcode
     if len(head) >= 9:
         n = int.from_bytes(head[:8], "little")
         if 0 < n < size and head[8:9] == b"{":
             return "safetensors"
+    if head.startswith(_ZIP_MAGIC) or (head.startswith(_LEGACY_PICKLE_PREFIX) and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
     raise CheckpointError(f"{path}: unknown file type (neither safetensors nor a torch checkpoint)")
 
 
