@@ -131,10 +131,13 @@ def preprocess_for(path: Path, model: CAE, image_size: int) -> Preprocess:
         return Preprocess(image_size, list(p["mean"]), list(p["std"]), p.get("interpolation", "bicubic"),
                           p.get("class_names"))  # fmt: skip
     if "run_config" in meta:
-        ds = json.loads(meta["run_config"]).get("data", {}).get("dataset", "")
-        if ds.startswith("fashion-mnist"):
-            return Preprocess(image_size, list(D.FMNIST_MEAN), list(D.FMNIST_STD), class_names=list(D.FMNIST_CLASSES))
-    return Preprocess(image_size, list(D.IMAGENET_MEAN), list(D.IMAGENET_STD))
+        data = json.loads(meta["run_config"]).get("data", {})
+        ds = str(data.get("dataset", ""))
+        mean, std = D.normalization_for(ds, data.get("mean"), data.get("std"))
+        names = list(D.FMNIST_CLASSES) if ds.startswith("fashion-mnist") else None
+        return Preprocess(image_size, list(mean), list(std), class_names=names)
+    mean, std = D.normalization_for("")
+    return Preprocess(image_size, list(mean), list(std))
 
 
 def real_images(pre: Preprocess, n: int = 8) -> np.ndarray | None:

@@ -42,6 +42,18 @@ FMNIST_CLASSES = (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
+def normalization_for(
+    dataset: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std for a dataset spec: explicit values win, else Fashion-MNIST's statistics for
+    ``fashion-mnist``, else ImageNet's (the official recipes). The one rule training, eval and export share."""
+    fm = dataset.startswith("fashion-mnist")
+    return (
+        tuple(mean) if mean else (FMNIST_MEAN if fm else IMAGENET_MEAN),
+        tuple(std) if std else (FMNIST_STD if fm else IMAGENET_STD),
+    )
+
+
 class DataError(ValueError):
     """A dataset path or file is missing or malformed; the message says which and what was expected."""
 

@@ -154,8 +154,7 @@ class ResumableSampler(DistributedSampler):
 def preprocess_spec(cfg: PretrainConfig, model: CAE) -> dict[str, Any]:
     """How images must be prepared for this encoder (saved in the model file, read by eval/export)."""
     is_fmnist = cfg.data.dataset.startswith("fashion-mnist")
-    mean = tuple(cfg.data.mean) if cfg.data.mean else (D.FMNIST_MEAN if is_fmnist else D.IMAGENET_MEAN)
-    std = tuple(cfg.data.std) if cfg.data.std else (D.FMNIST_STD if is_fmnist else D.IMAGENET_STD)
+    mean, std = D.normalization_for(cfg.data.dataset, cfg.data.mean, cfg.data.std)
     return {
         "img_size": model.cfg.img_size,
         "mean": list(mean),
@@ -170,9 +169,7 @@ def preprocess_spec(cfg: PretrainConfig, model: CAE) -> dict[str, Any]:
 def build_pretrain_data(cfg: PretrainConfig, model: CAE, rt: Runtime) -> tuple[Any, DataLoader, int]:
     """Returns (dataset, loader, steps_per_epoch)."""
     d, mc = cfg.data, model.cfg
-    is_fmnist = d.dataset.startswith("fashion-mnist")
-    mean = tuple(d.mean) if d.mean else (D.FMNIST_MEAN if is_fmnist else D.IMAGENET_MEAN)
-    std = tuple(d.std) if d.std else (D.FMNIST_STD if is_fmnist else D.IMAGENET_STD)
+    mean, std = D.normalization_for(d.dataset, d.mean, d.std)
     tcfg = D.TransformConfig(
         img_size=mc.img_size,
         scale=tuple(d.scale),

@@ -268,10 +268,8 @@ def _file_sha256(path: Path) -> str:
 def _stats_for(
     dataset: str, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> tuple[list[float], list[float]]:
-    fm = dataset.startswith("fashion-mnist")
-    m = list(mean) if mean else list(D.FMNIST_MEAN if fm else D.IMAGENET_MEAN)
-    s = list(std) if std else list(D.FMNIST_STD if fm else D.IMAGENET_STD)
-    return m, s
+    m, s = D.normalization_for(dataset, mean, std)
+    return list(m), list(s)
 
 
 def _preprocess_from_metadata(meta: dict[str, str], img_size: int) -> dict[str, Any]:
