@@ -62,12 +62,7 @@ class ReconstructGraph(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor, mask: Tensor) -> Tensor:
-        tokens = self.model.encoder.embed(images)
-        from training.models.cae import mask_indices
-
-        vis_idx, _ = mask_indices(mask)
-        latent = self.model.encoder.encode_tokens(tokens, vis_idx)
-        return self.model.forward_decoder(self.model.forward_regressor(latent, mask), mask)
+        return self.model.forward_pred(images, mask)
 
 
 def resize_model(model: CAE, image_size: int) -> CAE:

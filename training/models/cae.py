@@ -448,6 +448,16 @@ class CAE(nn.Module):
         pred = self.forward_decoder(latent_pred, mask)
         return CAEOutput(latent_visible, latent_pred, latent_target, pred, mask)
 
+    def forward_pred(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Only the decoder's predictions for the masked patches: no alignment-target pass (inference,
+        reconstruction, ONNX export)."""
+        self._require_pretext()
+        vis_idx, msk_idx = mask_indices(mask)
+        latent_visible = self.encoder.encode_tokens(self.encoder.embed(images), vis_idx)
+        if self.cfg.arch == "mae":
+            return self._forward_mae(latent_visible, mask, vis_idx, msk_idx).pred
+        return self.forward_decoder(self.forward_regressor(latent_visible, mask), mask)
+
     def _forward_mae(self, latent_visible: Tensor, mask: Tensor, vis_idx: Tensor, msk_idx: Tensor) -> CAEOutput:
         """Ablation: MAE-style decoding. Mask tokens and visible latents (with positions) share one
         self-attention decoder; there is no regressor and no alignment target. (The regressor's
@@ -511,10 +521,9 @@ class CAE(nn.Module):
         it shows structure, not the patch's average colour, which the model never predicts)."""
         if self.cfg.target != "pixel":
             raise ValueError("reconstruct() needs a pixel-target model; this one predicts DALL-E tokens")
-        out = self(images, mask)
+        pred = self.forward_pred(images, mask)
         patches = patchify(images, self.cfg.patch_size)
         msk_idx = mask_indices(mask)[1]
-        pred = out.pred
         if self.cfg.norm_pix_loss:
             orig = _gather_tokens(patches, msk_idx)
             mean, var = orig.mean(-1, keepdim=True), orig.var(-1, keepdim=True)
