@@ -287,3 +287,25 @@ def test_checkpoint_pruning_keeps_epoch_ends(tmp_path):
     _prune_checkpoints(tmp_path, steps_per_epoch=234, keep_last=2)
     left = sorted(p.stem[len("checkpoint-"):] for p in tmp_path.glob("checkpoint-*.pth"))
     assert left == ["0000-000234", "0001-000234", "0002-000200"]
+
+
+def test_non_finite_loss_stops_before_any_save(tmp_path, image_folder, monkeypatch):
+    """Losses are summed on the device (no per-step sync); a NaN at any step must still stop the run at the next
+    log/save point, before a checkpoint with NaN weights is written."""
+    from training.models.cae import CAE
+
+    real = CAE.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, out, target):
+        res = real(self, out, target)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2; the first log/save point is the epoch end (step 3)
+            res = {k: v * float("nan") for k, v in res.items()}
+        return res
+
+    monkeypatch.setattr(CAE, "forward_loss", poisoned)
+    cfg = tiny_cfg(image_folder, "optim.epochs=1", "runtime.log_every=4", "runtime.save_every_steps=4")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        pretrain(cfg, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

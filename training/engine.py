@@ -282,6 +282,12 @@ def _targets(batch: dict[str, torch.Tensor], model: CAE, tokenizer: nn.Module | 
         return tokenizer.get_codebook_indices(batch["tokenizer_images"])
 
 
+def _check_finite(sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    total = sums.get("loss")
+    if total is not None and not math.isfinite(float(total)):
+        raise FloatingPointError(f"non-finite loss at epoch {epoch} before step {step}; stopping")
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -300,7 +306,7 @@ def train_one_epoch(
     core: CAE = model.module if hasattr(model, "module") else model  # type: ignore[assignment]
     model.train()
     accum = cfg.optim.accum_iter
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     t0 = time.perf_counter()
     seen = 0
@@ -329,15 +335,16 @@ def train_one_epoch(
                 out = model(batch["images"], batch["mask"])
             losses = core.forward_loss(out, target)
             loss = losses["loss"]
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}; stopping")
             scaled = loss / accum
             if scaler is not None:
                 scaler.scale(scaled).backward()
             else:
                 scaled.backward()
+        # Running sums stay on the device: reading a loss every step would stall the GPU queue. A non-finite
+        # loss at any step makes its sum non-finite, which is checked at every log step and before any save.
         for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+            d = v.detach().to(torch.float64)
+            sums[k] = sums[k] + d if k in sums else d
         count += 1
         micro += 1
         if micro < accum:
@@ -359,6 +366,9 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seen += per_rank * accum * rt.world
+        every = cfg.runtime.save_every_steps
+        if step % cfg.runtime.log_every == 0 or step == steps_per_epoch or (every and step % every == 0):
+            _check_finite(sums, epoch, step)
         if step % cfg.runtime.log_every == 0 or step == steps_per_epoch:
             elapsed = time.perf_counter() - t0
             rate = seen / max(elapsed, 1e-9)
@@ -386,7 +396,8 @@ def train_one_epoch(
             on_step(epoch, step)
         if cfg.runtime.max_steps is not None and epoch * steps_per_epoch + step >= cfg.runtime.max_steps:
             break
-    means = {k: _all_reduce_mean(v / max(count, 1), rt) for k, v in sums.items()}
+    _check_finite(sums, epoch, step)
+    means = {k: _all_reduce_mean(float(v) / max(count, 1), rt) for k, v in sums.items()}
     means["steps"] = step
     return means
 
