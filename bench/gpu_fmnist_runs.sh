@@ -12,6 +12,7 @@
 set -u
 OUT=${1:?usage: gpu_fmnist_runs.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-540}
+DEVICE=${DEVICE:-cuda}
 T0=$(date +%s)
 W=${WORK:-/tmp/cae_gpu}
 mkdir -p "$OUT" "$W"
@@ -39,7 +40,7 @@ RUNS=(
   "mae|model.overrides.arch=mae"
   "align_only|model.overrides.recon_loss_weight=0.0"
 )
-DEVICE=${DEVICE:-cuda}
+
 # EXTRA / EVAL_EXTRA: more k=v overrides (a CPU smoke test of this script: DEVICE=cpu with tiny settings)
 read -r -a EXTRA_A <<<"${EXTRA:-}"
 read -r -a EVAL_EXTRA_A <<<"${EVAL_EXTRA:-}"
