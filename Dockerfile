@@ -16,7 +16,14 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
 print('\n'.join(d['project']['dependencies'] + d['project']['optional-dependencies']['serve']))" > /tmp/req.txt \
- && pip install -r /tmp/req.txt && rm /tmp/req.txt
+ && pip install -r /tmp/req.txt && rm /tmp/req.txt \
+ && OV=$(python -c "import openvino, os; print(os.path.dirname(openvino.__file__))") \
+ && rm -rf "$OV/include" "$OV"/libs/libopenvino_intel_gpu_plugin.so "$OV"/libs/libopenvino_intel_npu_plugin.so \
+      "$OV"/libs/libopenvino_tensorflow_frontend.so.* "$OV"/libs/libopenvino_tensorflow_lite_frontend.so.* \
+      "$OV"/libs/libopenvino_pytorch_frontend.so.* "$OV"/libs/libopenvino_paddle_frontend.so.* \
+      "$OV"/libs/libopenvino_gguf_frontend.so.* "$OV"/libs/libopenvino_jax_frontend.so.* \
+ && python -c "import openvino as ov; assert 'CPU' in ov.Core().available_devices"
+# ^ OpenVINO on CPU only: its GPU/NPU plugins and non-ONNX frontends are ~70 MB this image never uses
 COPY service ./service
 COPY export/spec_schema.json ./export/spec_schema.json
 COPY models/default ./models/default

@@ -174,6 +174,7 @@ def _session(path: Path) -> Any:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # Mask R-CNN's mask-pasting loop warns on every run about its traced shapes
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -250,8 +251,13 @@ def export_bundle(
     fp16: bool = False,
     int8: bool = False,
     seed: int = 0,
+    segment: str | Path | None = None,
+    detect: str | Path | None = None,
+    scenes_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write a bundle for ``checkpoint`` into ``out_dir`` and return its spec."""
+    """Write a bundle for ``checkpoint`` into ``out_dir`` and return its spec. ``segment`` / ``detect``:
+    trained dense heads (``training/run.py segment|detect``) to add as ``segment.onnx`` / ``detect.onnx``;
+    ``scenes_root``: a scenes benchmark folder whose validation images join the parity inputs."""
     t0 = time.perf_counter()
     checkpoint = Path(checkpoint)
     unknown = sorted(set(tasks) - set(TASKS))
@@ -307,6 +313,15 @@ def export_bundle(
                 entry["variants"][kind] = {"file": vpath.name, "parity": report}
                 _logger.info("%s: min cosine to fp32 %.6f", vpath.name, report["min_cosine_pooled"])
         spec_tasks[task] = entry
+
+    from .dense_export import export_detect, export_segment
+
+    root = Path(scenes_root) if scenes_root else None
+    for name, head, fn in (("segment", segment, export_segment), ("detect", detect, export_detect)):
+        if head is not None:
+            if not Path(head).is_file():
+                raise ExportError(f"--{name} {head}: no such file")
+            spec_tasks[name] = fn(Path(head), out, opset, rng, root)
 
     spec: dict[str, Any] = {
         "format": BUNDLE_FORMAT,

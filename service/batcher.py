@@ -37,7 +37,24 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger("service")
 
-InferFn = Callable[[dict[str, np.ndarray]], np.ndarray]
+# A batch's output: an array with a batch axis, or a list with one item per row (graphs whose outputs have
+# no batch axis, like detect's N detections, return a dict of arrays per image)
+Output = np.ndarray | list[Any]
+InferFn = Callable[[dict[str, np.ndarray]], Output]
+
+
+def _rows(out: Output) -> int | None:
+    if isinstance(out, np.ndarray):
+        return int(out.shape[0]) if out.ndim else None
+    return len(out) if isinstance(out, list) else None
+
+
+def _join(parts: list[Output]) -> Output:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], list):
+        return [item for part in parts for item in part]
+    return np.concatenate(parts)
 
 
 @dataclass(eq=False)
@@ -46,10 +63,10 @@ class _Job:
     rows: int
     key: Hashable
     deadline: float
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Output]
     enqueued: float
     taken: int = 0  # rows handed to batches so far
-    parts: list[np.ndarray] = field(default_factory=list)
+    parts: list[Output] = field(default_factory=list)
     started: bool = False
 
 
@@ -116,7 +133,7 @@ class MicroBatcher:
         key: Hashable = None,
         deadline: float | None = None,
         ticket: Ticket | None = None,
-    ) -> np.ndarray:
+    ) -> Output:
         """Queue one request (arrays with a batch axis) and await its output rows.
 
         ``deadline`` is in ``loop.time()`` seconds (None: no deadline)."""
@@ -286,7 +303,7 @@ class MicroBatcher:
         t0 = time.perf_counter()
         try:
             out = await loop.run_in_executor(self._executor, self._infer, inputs)
-            if not isinstance(out, np.ndarray) or out.shape[:1] != (rows,):
+            if _rows(out) != rows:
                 raise ValueError(f"backend returned {getattr(out, 'shape', type(out))} for {rows} rows")
         except Exception:
             _logger.exception("%s inference failed on a batch of %d", self.task, rows)
@@ -308,4 +325,4 @@ class MicroBatcher:
             job.parts.append(out[offset : offset + (b - a)])
             offset += b - a
             if b == job.rows and not job.future.done():
-                job.future.set_result(job.parts[0] if len(job.parts) == 1 else np.concatenate(job.parts))
+                job.future.set_result(_join(job.parts))

@@ -21,6 +21,8 @@ _logger = logging.getLogger("service")
 SCHEMA_PATH = REPO_ROOT / "export" / "spec_schema.json"
 FORMAT = "cae-bundle"
 FORMAT_VERSION = 1
+DENSE_TASKS = ("segment", "detect")  # tasks whose entries carry ``classes`` (and optionally ``image``)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 
 
 class BundleError(RuntimeError):
@@ -51,10 +53,25 @@ class Bundle:
     norm_pix_loss: bool
     default_mask_ratio: float
     class_names: list[str] | None
+    # per-task preprocessing (dense heads run at their own size); tasks absent here use ``image``
+    task_images: dict[str, ImageSpec] = field(default_factory=dict, repr=False)
 
     @property
     def tasks(self) -> list[str]:
         return list(self.spec["tasks"])
+
+    def image_for(self, task: str) -> ImageSpec:
+        """The preprocessing of ``task``'s inputs: its own ``image`` entry, else the top-level one."""
+        return self.task_images.get(task, self.image)
+
+    def classes(self, task: str) -> list[str]:
+        """Class names of a dense task (index = the label id its graph outputs; 0 is background)."""
+        return list(self.spec["tasks"].get(task, {}).get("classes") or [])
+
+    def fixed_batch(self, task: str) -> int | None:
+        """The batch size the task's graph is fixed to (an integer first input dim), None if dynamic."""
+        dim = self.spec["tasks"][task]["inputs"][0]["shape"][0]
+        return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
 
     def graph(self, task: str, precision: str) -> Path | None:
         """The ONNX file of ``task`` at ``precision`` (fp32 = the main graph), or None if not exported."""
@@ -73,6 +90,19 @@ class Bundle:
             return None
         value = variant.get("parity", {}).get("min_cosine_pooled")
         return float(value) if value is not None else None
+
+
+def _image_spec(img: dict[str, Any]) -> ImageSpec:
+    return ImageSpec(
+        size=int(img["size"]),
+        mean=tuple(map(float, img["mean"])),
+        std=tuple(map(float, img["std"])),
+        interpolation=str(img["interpolation"]),
+        patch_size=int(img["patch_size"]),
+        grid=(int(img["grid"][0]), int(img["grid"][1])),
+        num_patches=int(img["num_patches"]),
+        channels=int(img["channels"]),
+    )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -148,17 +178,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         )
     _validate_schema(spec)
     try:
-        img = spec["image"]
-        image = ImageSpec(
-            size=int(img["size"]),
-            mean=tuple(map(float, img["mean"])),
-            std=tuple(map(float, img["std"])),
-            interpolation=str(img["interpolation"]),
-            patch_size=int(img["patch_size"]),
-            grid=(int(img["grid"][0]), int(img["grid"][1])),
-            num_patches=int(img["num_patches"]),
-            channels=int(img["channels"]),
-        )
+        image = _image_spec(spec["image"])
+        task_images = {t: _image_spec(e["image"]) for t, e in spec["tasks"].items() if e.get("image")}
         target = spec["target"]
         bundle = Bundle(
             path=path,
@@ -171,14 +192,28 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             norm_pix_loss=bool(target.get("norm_pix_loss", False)),
             default_mask_ratio=float(target.get("default_mask_ratio", 0.5)),
             class_names=spec.get("class_names"),
+            task_images=task_images,
         )
         tasks = dict(spec["tasks"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise BundleError(f"{spec_path}: missing or malformed field ({type(e).__name__}: {e})") from None
     if not tasks:
         raise BundleError(f"{spec_path}: no tasks")
-    if image.channels not in (1, 3) or len(image.mean) != image.channels or len(image.std) != image.channels:
-        raise BundleError(f"{spec_path}: image.channels must be 1 or 3 with one mean/std per channel")
+    for where, spec_ in [("image", image), *((f"tasks.{t}.image", i) for t, i in task_images.items())]:
+        if (
+            spec_.channels not in (1, 3)
+            or len(spec_.mean) != spec_.channels
+            or len(spec_.std) != spec_.channels
+        ):
+            raise BundleError(f"{spec_path}: {where}.channels must be 1 or 3 with one mean/std per channel")
+        if spec_.interpolation not in INTERPOLATIONS:
+            raise BundleError(
+                f"{spec_path}: {where}.interpolation must be one of {', '.join(INTERPOLATIONS)}"
+            )
+    for t in (t for t in DENSE_TASKS if t in tasks):
+        classes = tasks[t].get("classes")
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            raise BundleError(f"{spec_path}: tasks.{t} needs 'classes' (index = label id, 0 = background)")
     if image.grid[0] * image.grid[1] != image.num_patches or image.grid[0] * image.patch_size != image.size:
         raise BundleError(f"{spec_path}: image grid, patch size and size disagree")
     if verify:

@@ -66,6 +66,12 @@ class NotFound(ServiceError):
     status, code = 404, "not_found"
 
 
+class NotAcceptable(ServiceError):
+    """The response type the client asks for (Accept) cannot hold this answer."""
+
+    status, code = 406, "not_acceptable"
+
+
 class PayloadTooLarge(ServiceError):
     """A size limit: body bytes, images per request, pixels per image."""
 
@@ -95,6 +101,12 @@ class NotReady(ServiceError):
     """Loading, shutting down, or unhealthy after repeated inference failures."""
 
     status, code = 503, "not_ready"
+
+
+class TaskUnsupported(ServiceError):
+    """The bundle has the task but the chosen backend cannot run it (e.g. torch has no dense heads)."""
+
+    status, code = 501, "task_unsupported_by_backend"
 
 
 class DeadlineExceeded(ServiceError):

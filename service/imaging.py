@@ -104,6 +104,13 @@ class Limits:
     min_side: int
 
 
+@dataclass(frozen=True)
+class Decoded:
+    array: np.ndarray  # float32 [C, size, size], normalized
+    size: tuple[int, int]  # (width, height) of the original image, upright
+    image: Image.Image | None = None  # the decoded image, when kept
+
+
 class Preprocessor:
     """bytes -> float32 [C, size, size] normalized as the bundle says. Thread-safe (no mutable state)."""
 
@@ -159,7 +166,13 @@ class Preprocessor:
 
     def decode(self, data: bytes, label: str = "image") -> Image.Image:
         """Decoded, upright, in the model's colour mode (full resolution, or a JPEG draft >= 2x the input)."""
+        return self._decode(data, label)[0]
+
+    def _decode(self, data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:
+        """The decoded image and the original (width, height), upright: the declared size, which a JPEG
+        decoded in draft mode is smaller than."""
         img = self.open(data, label)
+        w, h = img.size
         try:
             if img.format == "JPEG":
                 s = self.spec.size * _DRAFT_GAP
@@ -169,7 +182,9 @@ class Preprocessor:
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
             if orientation not in (None, 1):
                 img = ImageOps.exif_transpose(img)
-            return to_mode(img, self.mode)
+                if orientation in (5, 6, 7, 8):  # the transposing orientations swap width and height
+                    w, h = h, w
+            return to_mode(img, self.mode), (w, h)
         except UnsupportedMediaType:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError):
@@ -202,6 +217,16 @@ class Preprocessor:
             return self.to_array(self.resize(img))
         finally:
             img.close()
+
+    def process(self, data: bytes, label: str = "image", keep_image: bool = False) -> Decoded:
+        """Like calling it, plus the original size (dense heads answer at that size) and, with
+        ``keep_image``, the decoded image (for overlays)."""
+        img, size = self._decode(data, label)
+        try:
+            return Decoded(self.to_array(self.resize(img)), size, img if keep_image else None)
+        finally:
+            if not keep_image:
+                img.close()
 
     def denormalize(self, x: np.ndarray) -> np.ndarray:
         """float32 [C, H, W] normalized -> uint8 [H, W, C] (clipped), the inverse of preprocessing."""

@@ -12,15 +12,17 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from .backends import Backend, BackendOptions, BackendUnavailable, Selection, select_backend
-from .batcher import MicroBatcher
+from .batcher import MicroBatcher, Output
 from .bundle import Bundle, BundleError, load_bundle
-from .errors import NotFound, NotReady
+from .dense import check_outputs
+from .errors import NotFound, NotReady, TaskUnsupported
 from .imaging import Limits, Preprocessor, configure_pillow
 from .metrics import Metrics
 from .settings import Settings
@@ -43,7 +45,9 @@ class Runtime:
         self.bundle: Bundle | None = None
         self.backend: Backend | None = backend  # injected (tests, embedding) or chosen by select_backend
         self.selection: Selection | None = None
-        self.preprocessor: Preprocessor | None = None
+        self.preprocessor: Preprocessor | None = None  # the top-level image spec (embed, reconstruct)
+        self.preprocessors: dict[str, Preprocessor] = {}  # per task (dense heads have their own size)
+        self.unavailable: dict[str, str] = {}  # bundle task -> why it is not served (501)
         self.batchers: dict[str, MicroBatcher] = {}
         self.decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_workers, thread_name_prefix="cae-decode"
@@ -60,11 +64,26 @@ class Runtime:
             raise NotReady(f"not ready ({self.status})", headers={"Retry-After": "1"})
 
     def batcher(self, task: str) -> MicroBatcher:
+        """The task's batcher; 404 when the bundle has no such graph, 501 when the backend cannot run it."""
         self.require_ready()
         b = self.batchers.get(task)
         if b is None:
-            raise NotFound(f"the loaded model has no {task} graph", code="task_not_available")
+            assert self.bundle is not None and self.backend is not None
+            if task in self.unavailable:
+                raise TaskUnsupported(
+                    f"{task} is not served by the {self.backend.name} backend: {self.unavailable[task]}"
+                )
+            raise NotFound(
+                f"the loaded model ({self.bundle.model_id}) has no {task} graph; "
+                f"serve a bundle exported with the {task} head",
+                code="task_not_available",
+            )
         return b
+
+    def preprocessor_for(self, task: str) -> Preprocessor:
+        pre = self.preprocessors.get(task, self.preprocessor)
+        assert pre is not None
+        return pre
 
     def _on_result(self, ok: bool) -> None:
         self._failures = 0 if ok else self._failures + 1
@@ -118,7 +137,16 @@ class Runtime:
         for line in sel.skipped:
             _logger.info("  skipped %s", line)
         self.bundle = bundle
-        self.preprocessor = Preprocessor(bundle.image, Limits(s.max_pixels, s.min_side))
+        limits = Limits(s.max_pixels, s.min_side)
+        self.preprocessor = Preprocessor(bundle.image, limits)
+        self.preprocessors = {
+            t: Preprocessor(spec, limits) for t, spec in bundle.task_images.items() if spec != bundle.image
+        }
+        self.unavailable = {
+            t: b.unavailable.get(t, f"the {b.name} backend did not load it")
+            for t in bundle.tasks
+            if t not in b.capabilities
+        }
         self._warm_up()
 
     def warmup_inputs(self, task: str, rows: int = 1) -> dict[str, np.ndarray]:
@@ -127,6 +155,7 @@ class Runtime:
         assert self.bundle is not None
         rng = np.random.default_rng(0)
         inputs: dict[str, np.ndarray] = {}
+        rows = self.bundle.fixed_batch(task) or rows
         for t in self.bundle.spec["tasks"][task]["inputs"]:
             shape = (rows, *(int(d) for d in t["shape"][1:]))
             if t["dtype"] == "bool":
@@ -138,24 +167,67 @@ class Runtime:
             inputs[t["name"]] = x
         return inputs
 
+    def per_image_outputs(self, task: str) -> bool:
+        """Whether ``task``'s graph has several outputs: its batches then yield one {name: array} dict per
+        image instead of one array (detect's outputs have no batch axis, so its graph runs one image)."""
+        assert self.bundle is not None
+        return len(self.bundle.spec["tasks"][task]["outputs"]) > 1
+
+    def infer_fn(self, task: str) -> Callable[[dict[str, np.ndarray]], Output]:
+        """What the task's batcher calls with a batch of inputs."""
+        assert self.bundle is not None and self.backend is not None
+        backend = self.backend
+        if not self.per_image_outputs(task):
+            return functools.partial(backend.infer, task)
+        names = [t["name"] for t in self.bundle.spec["tasks"][task]["outputs"]]
+
+        def run(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+            outs = backend.infer_outputs(task, inputs)
+            if not set(names) <= set(outs):  # a runtime that renamed them: the spec's order is the contract
+                if len(outs) != len(names):
+                    raise ValueError(f"{task}: expected outputs {names}, got {list(outs)}")
+                outs = dict(zip(names, outs.values(), strict=True))
+            outs = {n: outs[n] for n in names}
+            rows = len(next(iter(inputs.values())))
+            if rows == 1:
+                return [outs]
+            return [{n: v[i] for n, v in outs.items()} for i in range(rows)]  # batched multi-output graphs
+
+        return run
+
     def _warm_up(self) -> None:
         assert self.bundle is not None and self.backend is not None
         for task in self.tasks():
             t0 = time.perf_counter()
             inputs = self.warmup_inputs(task)
             try:
-                out = self.backend.infer(task, inputs)
+                out = self.infer_fn(task)(inputs)
+            except BackendUnavailable as e:  # this backend cannot run it: serve the rest, say why
+                self.unavailable[task] = str(e)
+                _logger.warning("%s is not served: %s", task, e)
+                continue
             except Exception as e:
                 raise StartupError(
                     f"refusing to start: warm-up {task} inference failed ({type(e).__name__})"
                 ) from e
+            try:
+                check_outputs(self.bundle, task, out)
+            except ValueError as e:
+                raise StartupError(
+                    f"refusing to start: warm-up {task} output breaks its contract: {e}"
+                ) from e
+            if isinstance(out, list):
+                shapes = {k: list(v.shape) for k, v in out[0].items()}
+                _logger.info("warm-up %s: outputs %s in %.3fs", task, shapes, time.perf_counter() - t0)
+                continue
             if not isinstance(out, np.ndarray) or out.shape[0] != 1 or not np.isfinite(out).all():
                 raise StartupError(f"refusing to start: warm-up {task} output is malformed or not finite")
             _logger.info("warm-up %s: output %s in %.3fs", task, list(out.shape), time.perf_counter() - t0)
 
     def tasks(self) -> list[str]:
+        """The tasks served: in the bundle, run by the backend, and not found unusable at warm-up."""
         assert self.bundle is not None and self.backend is not None
-        return [t for t in self.bundle.tasks if t in self.backend.capabilities]
+        return [t for t in self.bundle.tasks if t in self.backend.capabilities and t not in self.unavailable]
 
     async def start(self) -> None:
         try:
@@ -168,10 +240,11 @@ class Runtime:
         cap = self.backend.max_batch_size
         max_batch = min(s.max_batch_size, cap) if cap else s.max_batch_size
         for task in self.tasks():
+            fixed = self.bundle.fixed_batch(task)  # detect's graph runs one image per call
             batcher = MicroBatcher(
                 task,
-                functools.partial(self.backend.infer, task),
-                max_batch_size=max_batch,
+                self.infer_fn(task),
+                max_batch_size=min(max_batch, fixed) if fixed else max_batch,
                 max_wait_ms=s.max_wait_ms,
                 queue_size=s.queue_size,
                 metrics=self.metrics,
@@ -216,6 +289,7 @@ class Runtime:
         return {
             "id": b.model_id,
             "tasks": self.tasks(),
+            "unavailable_tasks": dict(self.unavailable),
             "backend": self.backend.describe(),
             "selection": self.selection.describe() if self.selection else {},
             "image": spec["image"],

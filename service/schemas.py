@@ -24,6 +24,17 @@ class View(str, Enum):
     reconstruction = "reconstruction"
 
 
+class LabelFormat(str, Enum):
+    png = "png"
+    json = "json"
+
+
+class MaskFormat(str, Enum):
+    none = "none"
+    rle = "rle"
+    png = "png"
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable reason, e.g. too_many_pixels.")
     message: str = Field(description="What is wrong, in words; names the limit where one applies.")
@@ -77,6 +88,81 @@ class ReconstructResponse(BaseModel):
     images: ReconstructImages
 
 
+class Timing(BaseModel):
+    decode_ms: float = Field(description="Reading, decoding and preprocessing the images.")
+    inference_ms: float = Field(description="Queue wait plus inference.")
+    postprocess_ms: float = Field(description="Resizing to the original size, encoding.")
+    total_ms: float
+
+
+class ClassPixels(BaseModel):
+    id: int
+    name: str
+    pixels: int = Field(description="Pixels of the label map with this class.")
+    fraction: float = Field(description="pixels / (width * height).")
+
+
+class SegmentResult(BaseModel):
+    width: int = Field(description="Original image width; the label map has this size.")
+    height: int
+    label_map: str | None = Field(
+        None,
+        description="format=png: base64 PNG whose pixel values are class ids (8-bit; 16-bit past 256 classes).",
+    )
+    labels: list[list[int]] | None = Field(None, description="format=json: class ids, [height][width].")
+    class_pixels: list[ClassPixels] = Field(description="Every class, in id order.")
+    overlay: str | None = Field(
+        None, description="overlay=true: base64 PNG of the classes blended on the image."
+    )
+
+
+class SegmentResponse(BaseModel):
+    model: str
+    classes: list[str] = Field(description="Class names; index = class id; 0 is background.")
+    input_size: list[int] = Field(description="[height, width] the model ran at.")
+    format: LabelFormat
+    resize: str = Field(description="How the label map reaches the original size.")
+    palette: list[list[int]] | None = Field(None, description="overlay=true: RGB colour per class id.")
+    results: list[SegmentResult] = Field(description="One per image, in request order.")
+    timing_ms: Timing
+
+
+class RLEMask(BaseModel):
+    size: list[int] = Field(description="[height, width].")
+    counts: list[int] = Field(
+        description="COCO uncompressed RLE: column-major run lengths, alternating 0-runs and 1-runs, "
+        "starting with a 0-run."
+    )
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(description="[x1, y1, x2, y2] in original image pixels.")
+    label: int = Field(description="Class id (index into classes, >= 1).")
+    label_name: str
+    score: float
+    mask: RLEMask | str | None = Field(
+        None, description="masks=rle: RLE at the original size; masks=png: base64 PNG (0 / 255); else null."
+    )
+
+
+class DetectResult(BaseModel):
+    width: int
+    height: int
+    detections: list[Detection] = Field(description="Best first.")
+
+
+class DetectResponse(BaseModel):
+    model: str
+    classes: list[str]
+    input_size: list[int] = Field(description="[height, width] the model ran at.")
+    score_threshold: float
+    max_detections: int
+    masks: MaskFormat
+    mask_threshold: float = Field(description="Mask probability above which a pixel is in the instance.")
+    results: list[DetectResult] = Field(description="One per image, in request order.")
+    timing_ms: Timing
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
@@ -92,6 +178,9 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     tasks: list[str]
+    unavailable_tasks: dict[str, str] = Field(
+        default_factory=dict, description="Tasks of the bundle this backend does not serve, and why."
+    )
     backend: dict[str, Any]
     selection: dict[str, Any]
     image: dict[str, Any]

@@ -1,10 +1,13 @@
-"""Entry point: ``python training/run.py {pretrain,eval,presets} ...``.
+"""Entry point: ``python training/run.py {pretrain,eval,presets,scenes,segment,detect} ...``.
 
     python training/run.py pretrain --config fmnist_cae_small --output-dir runs/fmnist
     python training/run.py pretrain --config cae_base_800e --set data.dataset=imagefolder:/data/in1k \\
         --set data.tokenizer_weights=dalle_encoder.safetensors --output-dir runs/base800   # under torchrun
     python training/run.py eval --checkpoint runs/fmnist/model.safetensors --protocol linear \\
         --dataset fashion-mnist --json
+    python training/run.py scenes --out runs/scenes --train 4000 --test 1000      # Fashion-MNIST scenes
+    python training/run.py segment --config fmnist_scenes_upernet --output-dir runs/seg
+    python training/run.py detect --config fmnist_scenes_maskrcnn --output-dir runs/det
 """
 
 from __future__ import annotations
@@ -81,6 +84,36 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scenes(args: argparse.Namespace) -> int:
+    from training.data import DataError
+    from training.dense.scenes import generate_scenes
+
+    try:
+        summary = generate_scenes(args.out, n_train=args.train, n_test=args.test, size=args.size, seed=args.seed,
+                                  min_objects=args.min_objects, max_objects=args.max_objects,
+                                  overwrite=args.overwrite)  # fmt: skip
+    except (DataError, FileExistsError, ValueError) as e:
+        _logger.error("%s", e)
+        return 2
+    _logger.info("scenes: %s", json.dumps(summary, default=str))
+    return 0
+
+
+def _cmd_dense(args: argparse.Namespace) -> int:
+    from training.config import ConfigError
+    from training.dense.train import load_dense_config, train_dense
+
+    try:
+        cfg = load_dense_config(args.command, args.config, args.set)
+        result = train_dense(cfg, args.output_dir, resume=args.resume)
+    except ConfigError as e:
+        _logger.error("%s", e)
+        return 2
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python training/run.py", description="CAE pretraining and evaluation")
     sub = p.add_subparsers(dest="command", required=True)
@@ -103,6 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object with the metrics (incl. top1)")
     e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("scenes", help="write the Fashion-MNIST scenes benchmark (ADE20K and COCO layouts)")
+    g.add_argument("--out", required=True)
+    g.add_argument("--train", type=int, default=4000, help="training scenes (from the train split only)")
+    g.add_argument("--test", type=int, default=1000, help="validation scenes (from the test split only)")
+    g.add_argument("--size", type=int, default=64)
+    g.add_argument("--min-objects", type=int, default=2)
+    g.add_argument("--max-objects", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=_cmd_scenes)
+
+    for task, what in (("segment", "semantic segmentation (UperNet + FCN aux, or linear)"),
+                       ("detect", "detection + instance masks (Mask R-CNN on an FPN)")):  # fmt: skip
+        d = sub.add_parser(task, help=f"train and evaluate a {what} head on a CAE encoder")
+        d.add_argument("--config", default=None, help="preset in training/configs/dense/ or a YAML file")
+        d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override, e.g. --set model.checkpoint=random:fmnist_cae --set optim.epochs=5")
+        d.add_argument("--output-dir", required=True)
+        d.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pth")
+        d.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+        d.set_defaults(func=_cmd_dense)
 
     s = sub.add_parser("presets", help="list presets, or print one resolved")
     s.add_argument("name", nargs="?")

@@ -1,8 +1,11 @@
 """The one small interface every inference runtime implements.
 
-A backend runs a bundle's task graphs (``embed``, ``reconstruct``; later ``segment``, ``detect``) on
-numpy arrays: ``infer(task, {input name: array with a batch axis}) -> first output``. It knows nothing
-about HTTP, images or batching. Runtimes are imported inside ``load`` only, so merely importing this
+A backend runs a bundle's task graphs (``embed``, ``reconstruct``, ``segment``, ``detect``) on numpy
+arrays: ``infer(task, {input name: array with a batch axis}) -> first output``, and
+``infer_outputs(task, inputs) -> {output name: array}`` (every output, in graph order) for graphs with
+several outputs (``detect``: boxes, labels, scores, masks). It knows nothing about HTTP, images or
+batching. A task the bundle has but this backend cannot run is left out of ``capabilities`` and listed
+in ``unavailable`` with the reason (the routes answer 501 with it). Runtimes are imported inside ``load`` only, so merely importing this
 package never pulls in onnxruntime, OpenVINO, TensorRT or torch.
 """
 
@@ -48,6 +51,7 @@ class Backend(ABC):
         self.device = "cpu"
         self.task_precision: dict[str, str] = {}
         self.capabilities: frozenset[str] = frozenset()
+        self.unavailable: dict[str, str] = {}  # task -> why this backend cannot run it
         self.max_batch_size: int | None = None  # a hard cap of the runtime (engine profile), if any
 
     @classmethod
@@ -73,6 +77,13 @@ class Backend(ABC):
     def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Run ``task`` on one batch; returns the graph's first output. Called from worker threads."""
 
+    def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run ``task`` on one batch; every output by name, in graph order. Called from worker threads.
+
+        Runtimes that serve multi-output graphs override this; the default refuses clearly (the
+        runtime then reports the task unavailable instead of serving a partial result)."""
+        raise BackendUnavailable(f"the {self.name} backend returns only the first output of a graph")
+
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release runtime resources."""
 
@@ -83,5 +94,6 @@ class Backend(ABC):
             "device": self.device,
             "task_precision": dict(self.task_precision),
             "tasks": sorted(self.capabilities),
+            "unavailable": dict(self.unavailable),
             "max_batch_size": self.max_batch_size,
         }

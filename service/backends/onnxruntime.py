@@ -20,7 +20,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sessions: dict[str, Any] = {}
-        self._outputs: dict[str, str] = {}
+        self._outputs: dict[str, list[str]] = {}
 
     @classmethod
     def probe(cls) -> str | None:
@@ -48,8 +48,9 @@ class OnnxRuntimeBackend(Backend):
             return ["CPUExecutionProvider"]
         providers: list[Any] = []
         if "TensorrtExecutionProvider" in available:
-            # one optimization profile over the batch axis, as the batcher will use it
-            b = self.options.max_batch_size
+            # one optimization profile over the batch axis, as the batcher will use it (a graph fixed
+            # to one batch size, like detect's 1, gets exactly that)
+            b = bundle.fixed_batch(task) or self.options.max_batch_size
 
             def profile(batch: int) -> str:
                 return ",".join(
@@ -82,6 +83,8 @@ class OnnxRuntimeBackend(Backend):
             opts.intra_op_num_threads = self.options.threads
         # no busy-waiting between ops: the event loop and the decode threads share these cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # errors only: detect.onnx's mask-pasting loop logs a shape warning on every request otherwise
+        opts.log_severity_level = 3
         for task in bundle.tasks:
             path = bundle.graph(task, precision)
             task_precision = precision
@@ -102,7 +105,7 @@ class OnnxRuntimeBackend(Backend):
                 raise BackendUnavailable(f"onnxruntime fell back to {got} for {path.name} (no usable GPU)")
             self.device = "cuda" if "CUDAExecutionProvider" in got else "cpu"
             self._sessions[task] = sess
-            self._outputs[task] = sess.get_outputs()[0].name
+            self._outputs[task] = [o.name for o in sess.get_outputs()]
             self.task_precision[task] = task_precision
             _logger.debug("onnxruntime %s: %s on %s", task, path.name, got)
         self.precision = precision
@@ -110,7 +113,11 @@ class OnnxRuntimeBackend(Backend):
 
     def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         # InferenceSession.run is thread-safe and releases the GIL
-        return self._sessions[task].run([self._outputs[task]], inputs)[0]
+        return self._sessions[task].run(self._outputs[task][:1], inputs)[0]
+
+    def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = self._outputs[task]
+        return dict(zip(names, self._sessions[task].run(names, inputs), strict=True))
 
     def close(self) -> None:
         self._sessions.clear()

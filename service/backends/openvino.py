@@ -39,6 +39,7 @@ class OpenVinoBackend(Backend):
         super().__init__(*args, **kwargs)
         self._compiled: dict[str, Any] = {}
         self._requests: dict[str, queue.Queue[Any]] = {}
+        self._outputs: dict[str, list[str]] = {}
 
     @classmethod
     def probe(cls) -> str | None:
@@ -81,6 +82,7 @@ class OpenVinoBackend(Backend):
             for _ in range(_POOL):
                 pool.put(compiled.create_infer_request())
             self._compiled[task], self._requests[task] = compiled, pool
+            self._outputs[task] = [o.get_any_name() for o in compiled.outputs]
             self.task_precision[task] = precision
         self.precision = precision
         self.capabilities = frozenset(self._compiled)
@@ -92,6 +94,18 @@ class OpenVinoBackend(Backend):
             request.infer(inputs)
             # the output buffer belongs to the request and is reused by its next call
             return np.array(request.get_output_tensor(0).data, copy=True)
+        finally:
+            pool.put(request)
+
+    def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pool = self._requests[task]
+        request = pool.get()
+        try:
+            request.infer(inputs)
+            return {
+                name: np.array(request.get_output_tensor(i).data, copy=True)
+                for i, name in enumerate(self._outputs[task])
+            }
         finally:
             pool.put(request)
 

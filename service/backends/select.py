@@ -157,6 +157,9 @@ def select_backend(
     gate = min_cosine if precision == "auto" else None
     skipped: list[str] = []
     viable: list[tuple[Backend, float | None, str]] = []
+    # a candidate that cannot run every task of the bundle (e.g. no TensorRT engine for an optional
+    # dense head) is kept only as a fallback: auto prefers serving every route the bundle has
+    partial: tuple[Backend, float | None, str] | None = None
     for name, prec in candidates:
         if len(viable) >= max_timed:
             break
@@ -166,7 +169,18 @@ def select_backend(
             skipped.append(f"{name} {prec}: {e}")
             _logger.debug("backend candidate %s %s skipped: %s", name, prec, e)
             continue
+        if loaded.unavailable:
+            skipped.append(f"{name} {prec}: cannot run {', '.join(sorted(loaded.unavailable))}")
+            if partial is None:
+                partial = (loaded, measured, f"{name} {prec}")
+            else:
+                loaded.close()
+            continue
         viable.append((loaded, measured, f"{name} {prec}"))
+    if not viable and partial is not None:
+        viable.append(partial)
+    elif partial is not None:
+        partial[0].close()
     if len(viable) == 1 or (viable and max_timed <= 1):
         return Selection(viable[0][0], what, viable[0][1], skipped)
     if viable:

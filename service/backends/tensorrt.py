@@ -3,8 +3,10 @@
 An engine runs only on the GPU model and TensorRT version that built it, so only engines whose ``gpu``
 and ``tensorrt_version`` match this machine are candidates. Device memory is handled with cuda-python
 (``cuda.bindings.runtime``), not torch, so the GPU image needs no torch. The batch is capped by the
-engine's optimization profile; the reconstruct output (``num_masked`` rows) is data-dependent, so
-outputs go through an output allocator.
+engine's optimization profile; the reconstruct output (``num_masked`` rows) and the detect outputs
+(``N`` detections) are data-dependent, so outputs go through an output allocator. Engines for the
+optional dense heads (segment, detect) may be missing: those tasks are then reported unavailable
+(``backend=auto`` prefers a backend that runs every task of the bundle).
 
 Untested in CI (needs a CUDA GPU with TensorRT); the ONNX Runtime TensorRT EP is the tested GPU path.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import DENSE_TASKS, Bundle
 from .base import Backend, BackendUnavailable, missing_modules
 
 _logger = logging.getLogger("service")
@@ -88,8 +90,20 @@ class _Engine:
 
         return Allocator()
 
-    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        trt, cudart = self.trt, self.cudart
+    def _dtype(self, name: str) -> Any:
+        trt = self.trt
+        dtypes = {
+            trt.DataType.FLOAT: np.float32,
+            trt.DataType.HALF: np.float16,
+            trt.DataType.INT32: np.int32,
+            trt.DataType.INT64: np.int64,
+            trt.DataType.BOOL: np.bool_,
+        }
+        return dtypes[self.engine.get_tensor_dtype(name)]
+
+    def run(self, feed: dict[str, np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The outputs ``names`` (default: all, in engine order); float outputs as float32."""
+        cudart = self.cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         with self.lock:
             host = {}
@@ -104,17 +118,20 @@ class _Engine:
                 self.context.set_output_allocator(name, self.allocator)
             if not self.context.execute_async_v3(int(self.stream)):
                 raise RuntimeError("TensorRT execution failed")
-            name = self.outputs[0]
-            shape = self.allocator.shapes[name]
-            dtype = {trt.DataType.FLOAT: np.float32, trt.DataType.HALF: np.float16}[
-                self.engine.get_tensor_dtype(name)
-            ]
-            out = np.empty(shape, dtype=dtype)
-            _check(
-                cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name].ptr, out.nbytes, d2h, self.stream)
-            )
+            outs: dict[str, np.ndarray] = {}
+            for name in names or self.outputs:
+                out = np.empty(self.allocator.shapes[name], dtype=self._dtype(name))
+                if out.nbytes:  # detect may find nothing: an empty output has no buffer to copy
+                    _check(
+                        cudart.cudaMemcpyAsync(
+                            out.ctypes.data, self.buffers[name].ptr, out.nbytes, d2h, self.stream
+                        )
+                    )
+                outs[name] = out
             _check(cudart.cudaStreamSynchronize(self.stream))
-            return out.astype(np.float32, copy=False)
+            return {
+                k: v.astype(np.float32, copy=False) if v.dtype == np.float16 else v for k, v in outs.items()
+            }
 
     def close(self) -> None:
         for b in self.buffers.values():
@@ -176,6 +193,14 @@ class TensorRTBackend(Backend):
             raise BackendUnavailable("no CUDA GPU visible")
         for task in bundle.tasks:
             entries = [e for e in self._entries(bundle, task) if e["precision"] == precision]
+            if not entries and task in DENSE_TASKS:
+                # optional heads: serve the rest, and say why these are missing (routes answer 501)
+                self.unavailable[task] = (
+                    f"no {precision} TensorRT engine for {task} built on this GPU with TensorRT "
+                    f"{trt.__version__}; build one (python -m export tensorrt BUNDLE) or serve with "
+                    "backend=onnxruntime"
+                )
+                continue
             if not entries:
                 raise BackendUnavailable(
                     f"no {precision} TensorRT engine for {task} built on this GPU "
@@ -184,11 +209,18 @@ class TensorRTBackend(Backend):
             engine = _Engine(trt, cudart, (bundle.path / entries[-1]["file"]).read_bytes())
             self._engines[task] = engine
             self.task_precision[task] = precision
-        self.max_batch_size = min(e.max_batch for e in self._engines.values())
+        # graphs fixed to one batch size (detect: 1) are capped per task by the runtime, not here
+        self.max_batch_size = min(
+            (e.max_batch for t, e in self._engines.items() if bundle.fixed_batch(t) is None), default=None
+        )
         self.precision, self.device = precision, "cuda"
         self.capabilities = frozenset(self._engines)
 
     def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        engine = self._engines[task]
+        return engine.run(inputs, engine.outputs[:1])[engine.outputs[0]]
+
+    def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._engines[task].run(inputs)
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 
 Never chosen by ``auto`` and never imported unless ``backend=torch``: torch is imported inside ``load``.
 The checkpoint must be the one the bundle was exported from (its sha256 is ``spec.model.source_sha256``).
+It holds the encoder (and decoder) only: the dense heads (``segment``, ``detect``) exist as ONNX graphs
+alone, so this backend reports them unavailable (their routes answer 501 naming why) and serves the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class TorchBackend(Backend):
         super().__init__(*args, **kwargs)
         self._model: Any = None
         self._torch: Any = None
+        self._output_names: dict[str, str] = {}
 
     @classmethod
     def probe(cls) -> str | None:
@@ -64,10 +67,19 @@ class TorchBackend(Backend):
         self._model, self._torch = model.to(self.device), torch
         tasks = ["embed"] + (["reconstruct"] if not model.cfg.encoder_only else [])
         self.capabilities = frozenset(t for t in tasks if t in bundle.tasks)
+        self.unavailable = {
+            t: f"the torch backend runs {CHECKPOINT_NAME}, which has no {t} head; "
+            "serve with backend=onnxruntime or openvino (or auto)"
+            for t in bundle.tasks
+            if t not in self.capabilities
+        }
+        self._output_names = {t: bundle.spec["tasks"][t]["outputs"][0]["name"] for t in self.capabilities}
         self.precision = precision
         self.task_precision = dict.fromkeys(self.capabilities, precision)
 
     def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if task not in self.capabilities:
+            raise BackendUnavailable(self.unavailable.get(task, f"the torch backend has no task {task}"))
         torch, model = self._torch, self._model
         images = torch.from_numpy(inputs["images"]).to(self.device)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
@@ -82,6 +94,11 @@ class TorchBackend(Backend):
             else:
                 raise BackendUnavailable(f"the torch backend has no task {task}")
         return out.float().cpu().numpy()
+
+    def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # embed and reconstruct have one output each; the multi-output heads are not in the checkpoint
+        out = self.infer(task, inputs)
+        return {self._output_names[task]: out}
 
     def close(self) -> None:
         self._model = None

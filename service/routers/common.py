@@ -3,38 +3,71 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..errors import DeadlineExceeded
+from ..imaging import Decoded
 from ..runtime import Runtime
 from ..schemas import ErrorBody, ImageJSONBody, ImagesJSONBody
 
 NPY = "application/x-npy"
+T = TypeVar("T")
 
 
-async def preprocess_all(runtime: Runtime, blobs: list[bytes], deadline: float) -> np.ndarray:
-    """Decode + preprocess every image in the decode pool (off the event loop) -> [n, C, H, W]."""
-    pre = runtime.preprocessor
-    assert pre is not None
+async def in_pool(runtime: Runtime, deadline: float, what: str, calls: list[Callable[[], T]]) -> list[T]:
+    """Run ``calls`` in the decode pool (off the event loop, in parallel) within the request deadline."""
+    loop = asyncio.get_running_loop()
+    jobs = [loop.run_in_executor(runtime.decode_pool, c) for c in calls]
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*jobs), max(0.0, deadline - loop.time())))
+    except TimeoutError:
+        raise DeadlineExceeded(f"the request deadline passed while {what}") from None
+
+
+async def decode_all(
+    runtime: Runtime, blobs: list[bytes], deadline: float, task: str = "embed", keep_images: bool = False
+) -> list[Decoded]:
+    """Decode + preprocess every image with ``task``'s image spec, keeping the original sizes (and, with
+    ``keep_images``, the decoded images)."""
+    pre = runtime.preprocessor_for(task)
     hist = runtime.metrics.preprocess
     multi = len(blobs) > 1
 
-    def work(data: bytes, i: int) -> np.ndarray:
+    def work(data: bytes, i: int) -> Decoded:
         t0 = time.perf_counter()
-        out = pre(data, f"image {i}" if multi else "image")
+        out = pre.process(data, f"image {i}" if multi else "image", keep_image=keep_images)
         hist.observe(time.perf_counter() - t0)
         return out
 
-    loop = asyncio.get_running_loop()
-    jobs = [loop.run_in_executor(runtime.decode_pool, work, b, i) for i, b in enumerate(blobs)]
-    try:
-        arrays = await asyncio.wait_for(asyncio.gather(*jobs), max(0.0, deadline - loop.time()))
-    except TimeoutError:
-        raise DeadlineExceeded("the request deadline passed while decoding images") from None
-    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+    return await in_pool(
+        runtime, deadline, "decoding images", [functools.partial(work, b, i) for i, b in enumerate(blobs)]
+    )
+
+
+def stack(decoded: list[Decoded]) -> np.ndarray:
+    return decoded[0].array[None] if len(decoded) == 1 else np.stack([d.array for d in decoded])
+
+
+async def preprocess_all(
+    runtime: Runtime, blobs: list[bytes], deadline: float, task: str = "embed"
+) -> np.ndarray:
+    """Decode + preprocess every image in the decode pool (off the event loop) -> [n, C, H, W]."""
+    return stack(await decode_all(runtime, blobs, deadline, task))
+
+
+def timing(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
+    """Milliseconds per stage from perf_counter marks: start, decoded, inferred, post-processed."""
+    return {
+        "decode_ms": round((t1 - t0) * 1e3, 3),
+        "inference_ms": round((t2 - t1) * 1e3, 3),
+        "postprocess_ms": round((t3 - t2) * 1e3, 3),
+        "total_ms": round((t3 - t0) * 1e3, 3),
+    }
 
 
 def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
@@ -105,10 +138,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "Malformed input (empty body, corrupt image, bad base64 or JSON).",
         401: "Missing or wrong API key (when keys are configured).",
         404: "The loaded model has no such task or id.",
+        406: "The Accept header asks for a type that cannot hold this answer.",
         413: "A limit: body bytes, images per request, pixels per image.",
         415: "Content type or image format not accepted.",
         422: "Invalid option value, image too small, bad mask.",
         429: "Queue full; see Retry-After.",
+        501: "The bundle has the task but the loaded backend cannot run it (the message says why).",
         503: "Not ready (loading, shutting down, unhealthy).",
         504: "Request deadline exceeded.",
     }.items()

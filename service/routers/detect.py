@@ -1,0 +1,123 @@
+"""POST /detect: object detections (box, class, score, optional instance mask) in original image pixels.
+
+The detect graph is fixed to one image per call (its outputs have no batch axis), so its batcher feeds
+it one image at a time; a request with several images still goes through one queue entry. Box scaling,
+mask resizing and the RLE format are described in ``service/dense.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import dense
+from .. import postprocess as P
+from ..deps import DeadlineDep, RuntimeDep, require_api_key
+from ..imaging import Decoded
+from ..inputs import read_images
+from ..schemas import DetectResponse, MaskFormat
+from .common import ERROR_RESPONSES, decode_all, images_request_body, in_pool, stack, timing
+
+router = APIRouter(tags=["detect"], dependencies=[Depends(require_api_key)])
+
+TASK = "detect"
+DEFAULT_SCORE_THRESHOLD = 0.5
+MAX_DETECTIONS_LIMIT = 1000
+
+
+def detect_one(
+    outs: dict[str, np.ndarray],
+    d: Decoded,
+    classes: list[str],
+    input_size: int,
+    score_threshold: float,
+    max_detections: int,
+    masks: MaskFormat,
+) -> dict[str, Any]:
+    w, h = d.size
+    keep = dense.select_detections(outs["scores"], score_threshold, max_detections)
+    boxes = dense.scale_boxes(outs["boxes"][keep], input_size, w, h)
+    labels = outs["labels"].reshape(-1)[keep].astype(np.int64)
+    scores = outs["scores"].reshape(-1)[keep]
+    detections = []
+    for j, i in enumerate(keep):
+        label = int(labels[j])
+        det: dict[str, Any] = {
+            "box": boxes[j].tolist(),
+            "label": label,
+            "label_name": classes[label] if 0 <= label < len(classes) else f"class_{label}",
+            "score": float(scores[j]),
+            "mask": None,
+        }
+        if masks is not MaskFormat.none:
+            mask = dense.resize_mask(outs["masks"][i], h, w)
+            det["mask"] = (
+                dense.rle_encode(mask) if masks is MaskFormat.rle else P.b64png(mask.astype(np.uint8) * 255)
+            )
+        detections.append(det)
+    return {"width": w, "height": h, "detections": detections}
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=images_request_body(single=False),
+    summary="Object detection: boxes, classes, scores and optional instance masks, in original pixels",
+)
+async def detect(
+    request: Request,
+    runtime: RuntimeDep,
+    deadline: DeadlineDep,
+    score_threshold: Annotated[
+        float | None,
+        Query(
+            ge=0, le=1, description="Keep detections scoring at least this (default: the model's, or 0.5)."
+        ),
+    ] = None,
+    max_detections: Annotated[
+        int, Query(ge=1, le=MAX_DETECTIONS_LIMIT, description="Most detections per image, best first.")
+    ] = 100,
+    masks: Annotated[
+        MaskFormat,
+        Query(description="Instance masks at the original size: none, COCO uncompressed RLE, or base64 PNG."),
+    ] = MaskFormat.none,
+) -> Response:
+    t0 = time.perf_counter()
+    batcher = runtime.batcher(TASK)
+    bundle = runtime.bundle
+    assert bundle is not None
+    classes = bundle.classes(TASK)
+    if score_threshold is None:
+        score_threshold = float(bundle.spec["tasks"][TASK].get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+    with batcher.announce() as ticket:
+        blobs = await read_images(request, runtime.settings.max_images_per_request)
+        decoded = await decode_all(runtime, blobs, deadline, TASK)
+        runtime.metrics.images.labels(TASK).inc(len(blobs))
+        t1 = time.perf_counter()
+        # one {output name: array} per image (the batcher runs the graph on one image at a time)
+        outputs = await batcher.submit({"images": stack(decoded)}, deadline=deadline, ticket=ticket)
+    t2 = time.perf_counter()
+    size = bundle.image_for(TASK).size
+    calls = [
+        functools.partial(detect_one, o, d, classes, size, score_threshold, max_detections, masks)
+        for o, d in zip(outputs, decoded, strict=True)
+    ]
+    results = await in_pool(runtime, deadline, "post-processing", calls)
+    body = {
+        "model": bundle.model_id,
+        "classes": classes,
+        "input_size": [size, size],
+        "score_threshold": score_threshold,
+        "max_detections": max_detections,
+        "masks": masks.value,
+        "mask_threshold": dense.MASK_THRESHOLD,
+        "results": results,
+        "timing_ms": timing(t0, t1, t2, time.perf_counter()),
+    }
+    return JSONResponse(body, headers={"X-Model-Id": bundle.model_id})

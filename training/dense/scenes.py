@@ -1,0 +1,325 @@
+"""Fashion-MNIST scenes: a small, seeded segmentation/detection benchmark made of Fashion-MNIST garments.
+
+Each scene is a black ``size x size`` canvas with ``min_objects..max_objects`` garments pasted at random
+positions, each rescaled (bilinear) to a random side in ``[0.3, 0.6] * size``; later garments are drawn on
+top of earlier ones. Train scenes use only the Fashion-MNIST train split and test scenes only the test
+split, so no test garment is ever seen in training.
+
+Rules (the constants below):
+
+* **Interpolation**: bilinear (PIL, antialiased when shrinking). Bicubic's overshoot draws faint halos and
+  ringing around the high-contrast garment edges, which the threshold below would turn into speckles in the
+  masks; bilinear keeps a garment's support compact.
+* **Mask**: a garment's pixels are those above ``MASK_THRESHOLD`` (10 of 255) after resizing; Fashion-MNIST
+  backgrounds are 0, so this only trims the faint interpolated rim (and, rarely, very dark garment parts).
+  Only mask pixels are drawn, so every non-zero image pixel belongs to exactly one visible object.
+* **Occlusion**: an object's mask is its garment mask minus what later objects cover; its box is the tight
+  box of that visible mask. A placement is resampled (new garment, size and position; up to
+  ``PLACEMENT_TRIES`` times) if it would leave an earlier object less than ``MIN_VISIBLE_FRACTION`` (40%) of
+  its own mask or fewer than ``MIN_VISIBLE_PIXELS`` pixels; if no placement works the object is dropped, and
+  a scene that ends with fewer than ``min_objects`` objects is drawn again.
+* **Determinism**: scene ``i`` of a split is drawn from ``np.random.default_rng([seed, split, i])`` (split 0 =
+  train, 1 = test), so the same arguments give byte-identical files, and a smaller set is a prefix of a
+  larger one.
+
+Layout under ``out_dir``::
+
+    ade/images/{training,validation}/scene_<split>_<i>.png       RGB (gray replicated)
+    ade/annotations/{training,validation}/scene_<split>_<i>.png  "L" label maps: 0 background,
+                                                                 k+1 Fashion-MNIST class k, 255 ignore (reserved)
+    coco/annotations/instances_{train,val}.json                  COCO instances (RLE masks, xywh boxes)
+    scenes.json                                                  arguments, class names, counts
+
+The COCO files reference the same images: their image root is ``out_dir/ade/images/training`` (train) or
+``out_dir/ade/images/validation`` (val), and ``file_name`` is relative to that folder.
+
+CLI: ``python -m training.dense.scenes OUT --train N --test M --size 64 --seed 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..data import FMNIST_CLASSES, FMNIST_DIR, DataError, FashionMNIST
+from .metrics import masks_to_rle
+
+_logger = logging.getLogger(__name__)
+
+MASK_THRESHOLD = 10  # garment pixel > this (uint8) belongs to the mask
+SCALE_RANGE = (0.3, 0.6)  # garment side as a fraction of the canvas side
+MIN_VISIBLE_FRACTION = 0.4  # an occluded object keeps at least this much of its own mask ...
+MIN_VISIBLE_PIXELS = 20  # ... and at least this many pixels
+PLACEMENT_TRIES = 30
+SCENE_TRIES = 100
+IGNORE_INDEX = 255  # reserved in the label maps, never written by the generator
+RESAMPLE = Image.Resampling.BILINEAR
+
+# split -> (ADE20K folder, COCO annotation file, seed component)
+SPLITS: dict[str, tuple[str, str, int]] = {
+    "train": ("training", "instances_train.json", 0),
+    "test": ("validation", "instances_val.json", 1),
+}
+
+
+@dataclass
+class SceneObject:
+    """One garment in a composed scene."""
+
+    source_index: int  # index into the Fashion-MNIST split
+    label: int  # Fashion-MNIST class 0..9
+    mask: np.ndarray  # bool [size, size], the visible pixels
+    full_area: int  # mask pixels before occlusion
+
+
+def _sample_placement(images: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+    """A random garment, rescaled and placed on an empty canvas: (source index, uint8 [size, size])."""
+    j = int(rng.integers(len(images)))
+    side = max(2, int(round(rng.uniform(*SCALE_RANGE) * size)))
+    y0 = int(rng.integers(0, size - side + 1))
+    x0 = int(rng.integers(0, size - side + 1))
+    garment = np.asarray(Image.fromarray(images[j]).resize((side, side), RESAMPLE))
+    pixels = np.zeros((size, size), dtype=np.uint8)
+    pixels[y0 : y0 + side, x0 : x0 + side] = garment
+    return j, pixels
+
+
+def compose_scene(
+    images: np.ndarray, labels: np.ndarray, size: int, n_objects: int, rng: np.random.Generator
+) -> tuple[np.ndarray, list[SceneObject]]:
+    """Paste up to ``n_objects`` garments (fewer if some cannot be placed): (uint8 canvas, objects)."""
+    canvas = np.zeros((size, size), dtype=np.uint8)
+    owner = np.full((size, size), -1, dtype=np.int64)  # index of the object that shows at each pixel
+    sources: list[int] = []
+    full_areas: list[int] = []
+    for _ in range(n_objects):
+        for _try in range(PLACEMENT_TRIES):
+            j, pixels = _sample_placement(images, size, rng)
+            mask = pixels > MASK_THRESHOLD
+            area = int(mask.sum())
+            if area < MIN_VISIBLE_PIXELS:
+                continue
+            # What each earlier object would still show once this one is drawn on top.
+            kept = np.bincount(owner[~mask] + 1, minlength=len(sources) + 1)[1:]
+            if all(k >= max(MIN_VISIBLE_FRACTION * a, MIN_VISIBLE_PIXELS) for k, a in zip(kept, full_areas, strict=True)):
+                break
+        else:
+            continue  # no acceptable placement: this scene gets one object fewer
+        canvas[mask] = pixels[mask]
+        owner[mask] = len(sources)
+        sources.append(j)
+        full_areas.append(area)
+    objects = [
+        SceneObject(source_index=j, label=int(labels[j]), mask=owner == k, full_area=full_areas[k])
+        for k, j in enumerate(sources)
+    ]
+    return canvas, objects
+
+
+def tight_box(mask: np.ndarray) -> list[float]:
+    """COCO ``[x, y, w, h]`` of a non-empty boolean mask, in pixel units (w = x_max - x_min + 1)."""
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+    return [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)]
+
+
+def _load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    ds = FashionMNIST(root, split=split)
+    images, labels = ds.images, ds.labels
+    if images.ndim != 3 or images.dtype != np.uint8 or len(images) == 0:
+        raise DataError(f"{root}: {split} images must be a non-empty uint8 [N, H, W] array, got {images.dtype} {images.shape}")
+    if labels.min() < 0 or labels.max() >= len(FMNIST_CLASSES):
+        raise DataError(f"{root}: {split} labels outside 0..{len(FMNIST_CLASSES) - 1}")
+    return images, labels
+
+
+def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+    # Fixed separators and key order: part of the byte-identical output guarantee.
+    text = json.dumps(obj, indent=indent, separators=(",", ": ") if indent else (",", ":"), ensure_ascii=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def _generate_split(
+    split: str,
+    n: int,
+    out: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    size: int,
+    min_objects: int,
+    max_objects: int,
+    seed: int,
+) -> dict[str, Any]:
+    folder, coco_name, split_code = SPLITS[split]
+    img_dir, ann_dir = out / "ade" / "images" / folder, out / "ade" / "annotations" / folder
+    img_dir.mkdir(parents=True, exist_ok=True)
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    coco_images: list[dict[str, Any]] = []
+    coco_anns: list[dict[str, Any]] = []
+    histogram = [0] * len(FMNIST_CLASSES)
+    log_every = max(1, n // 10)
+    for i in range(n):
+        rng = np.random.default_rng([seed, split_code, i])
+        n_objects = int(rng.integers(min_objects, max_objects + 1))
+        for _ in range(SCENE_TRIES):
+            canvas, objects = compose_scene(images, labels, size, n_objects, rng)
+            if len(objects) >= min_objects:
+                break
+        else:
+            raise RuntimeError(
+                f"{split} scene {i}: could not place {min_objects} garments on a {size}px canvas in {SCENE_TRIES} tries"
+            )
+        label_map = np.zeros((size, size), dtype=np.uint8)
+        for obj in objects:
+            label_map[obj.mask] = obj.label + 1
+        stem = f"scene_{split}_{i:06d}"
+        Image.fromarray(np.repeat(canvas[:, :, None], 3, axis=2)).save(img_dir / f"{stem}.png", format="PNG")
+        Image.fromarray(label_map).save(ann_dir / f"{stem}.png", format="PNG")
+
+        image_id = i + 1
+        coco_images.append({"id": image_id, "file_name": f"{stem}.png", "width": size, "height": size})
+        rles = masks_to_rle(np.stack([o.mask for o in objects]).astype(np.uint8))
+        for obj, rle in zip(objects, rles, strict=True):
+            coco_anns.append(
+                {
+                    "id": len(coco_anns) + 1,
+                    "image_id": image_id,
+                    "category_id": obj.label + 1,
+                    "bbox": tight_box(obj.mask),
+                    "area": int(obj.mask.sum()),
+                    "iscrowd": 0,
+                    "segmentation": rle,
+                }
+            )
+            histogram[obj.label] += 1
+        if (i + 1) % log_every == 0 or i + 1 == n:
+            _logger.info("%s: %d/%d scenes, %d objects", split, i + 1, n, len(coco_anns))
+
+    coco_path = out / "coco" / "annotations" / coco_name
+    coco_path.parent.mkdir(parents=True, exist_ok=True)
+    coco = {
+        "info": {"description": f"Fashion-MNIST scenes, {split} split (images under ade/images/{folder})"},
+        "licenses": [],
+        "images": coco_images,
+        "annotations": coco_anns,
+        "categories": [
+            {"id": k + 1, "name": name, "supercategory": "garment"} for k, name in enumerate(FMNIST_CLASSES)
+        ],
+    }
+    _write_json(coco_path, coco)
+    return {
+        "images": n,
+        "objects": len(coco_anns),
+        "class_histogram": histogram,
+        "image_dir": img_dir.relative_to(out).as_posix(),
+        "annotation_dir": ann_dir.relative_to(out).as_posix(),
+        "coco": coco_path.relative_to(out).as_posix(),
+    }
+
+
+def generate_scenes(
+    out_dir: str | Path,
+    n_train: int = 10000,
+    n_test: int = 2000,
+    size: int = 64,
+    min_objects: int = 2,
+    max_objects: int = 4,
+    seed: int = 0,
+    fmnist_root: str | Path = FMNIST_DIR,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the scenes (see the module docstring) and return their summary.
+
+    The summary is what ``out_dir/scenes.json`` holds (arguments, generator constants, class names, per-split
+    counts, class histograms and paths relative to ``out_dir``) plus ``out_dir`` itself. An existing
+    ``ade``/``coco``/``scenes.json`` under ``out_dir`` raises ``FileExistsError`` unless ``overwrite``.
+    """
+    if size < 8:
+        raise ValueError(f"size must be >= 8, got {size}")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+    if n_train < 0 or n_test < 0:
+        raise ValueError(f"scene counts must be >= 0, got {n_train}, {n_test}")
+    out = Path(out_dir)
+    ours = [out / "ade", out / "coco", out / "scenes.json"]
+    existing = [p for p in ours if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out}: already holds {[p.name for p in existing]} (pass overwrite=True / --overwrite)")
+    for p in existing:  # only our own outputs, never anything else under out_dir
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    root = Path(fmnist_root)
+    summary: dict[str, Any] = {
+        "args": {
+            "n_train": n_train,
+            "n_test": n_test,
+            "size": size,
+            "min_objects": min_objects,
+            "max_objects": max_objects,
+            "seed": seed,
+            "fmnist_root": str(root),
+        },
+        "generator": {
+            "interpolation": "bilinear",
+            "mask_threshold": MASK_THRESHOLD,
+            "scale_range": list(SCALE_RANGE),
+            "min_visible_fraction": MIN_VISIBLE_FRACTION,
+            "min_visible_pixels": MIN_VISIBLE_PIXELS,
+        },
+        "classes": list(FMNIST_CLASSES),  # COCO category id k+1 = classes[k]
+        "segmentation_classes": ["background", *FMNIST_CLASSES],  # indexed by label-map value
+        "ignore_index": IGNORE_INDEX,
+        "splits": {},
+    }
+    for split, n in (("train", n_train), ("test", n_test)):
+        images, labels = _load_split(root, split)
+        _logger.info("%s: %d scenes from %d Fashion-MNIST %s images", out, n, len(images), split)
+        summary["splits"][split] = _generate_split(split, n, out, images, labels, size, min_objects, max_objects, seed)
+    _write_json(out / "scenes.json", summary, indent=2)
+    return {**summary, "out_dir": str(out.resolve())}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m training.dense.scenes", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--train", type=int, default=10000, help="number of train scenes")
+    p.add_argument("--test", type=int, default=2000, help="number of test (validation) scenes")
+    p.add_argument("--size", type=int, default=64, help="canvas side in pixels")
+    p.add_argument("--min-objects", type=int, default=2)
+    p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fmnist-root", type=Path, default=FMNIST_DIR, help="folder with the Fashion-MNIST idx files")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing ade/, coco/ and scenes.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = generate_scenes(
+        args.out,
+        n_train=args.train,
+        n_test=args.test,
+        size=args.size,
+        min_objects=args.min_objects,
+        max_objects=args.max_objects,
+        seed=args.seed,
+        fmnist_root=args.fmnist_root,
+        overwrite=args.overwrite,
+    )
+    for split, s in summary["splits"].items():
+        _logger.info("%s: %d images, %d objects, per class %s", split, s["images"], s["objects"], s["class_histogram"])
+    return summary
+
+
+if __name__ == "__main__":
+    main()
