@@ -52,7 +52,8 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
     try:
         spec = export_bundle(args.checkpoint, args.out_dir, tasks=tasks, image_size=args.image_size,
                              opset=args.opset, fp16=args.fp16, int8=args.int8, segment=args.segment,
-                             detect=args.detect, scenes_root=args.scenes)  # fmt: skip
+                             detect=args.detect, scenes_root=args.scenes,
+                             detect_score_threshold=args.detect_score_threshold)  # fmt: skip
     except (ExportError, CheckpointError) as e:
         _logger.error("%s", e)
         return 2
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--int8", action="store_true", help="also write int8 graphs (ORT dynamic quantization, cosine >= 0.99)")
     o.add_argument("--segment", default=None, help="a trained segmentation head (segment.safetensors) to add")
     o.add_argument("--detect", default=None, help="a trained detection head (detect.safetensors) to add")
+    o.add_argument("--detect-score-threshold", type=float, default=0.5,
+                   help="the service's default score threshold for /detect, recorded in spec.json")
     o.add_argument("--scenes", default=None, help="scenes benchmark folder: its validation images join the parity inputs")
     o.add_argument("--json", action="store_true", help="print spec.json on stdout")
     o.set_defaults(func=_cmd_onnx)

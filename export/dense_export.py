@@ -122,7 +122,7 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
 
 
 def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generator,
-                  scenes_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
+                  scenes_root: Path | None = None, score_threshold: float = 0.5) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
 
     from .onnx_export import ExportError, _session
@@ -183,7 +183,7 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
         "variants": {},
         "image": _image_spec(pre, cfg, model.backbone.body.patch_size),
         "classes": list(classes),
-        "score_threshold": 0.5,
+        "score_threshold": score_threshold,
         "source_sha256": _sha(head),
     }
 

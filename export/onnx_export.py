@@ -254,6 +254,7 @@ def export_bundle(
     segment: str | Path | None = None,
     detect: str | Path | None = None,
     scenes_root: str | Path | None = None,
+    detect_score_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Write a bundle for ``checkpoint`` into ``out_dir`` and return its spec. ``segment`` / ``detect``:
     trained dense heads (``training/run.py segment|detect``) to add as ``segment.onnx`` / ``detect.onnx``;
@@ -317,11 +318,17 @@ def export_bundle(
     from .dense_export import export_detect, export_segment
 
     root = Path(scenes_root) if scenes_root else None
-    for name, head, fn in (("segment", segment, export_segment), ("detect", detect, export_detect)):
-        if head is not None:
-            if not Path(head).is_file():
-                raise ExportError(f"--{name} {head}: no such file")
-            spec_tasks[name] = fn(Path(head), out, opset, rng, root)
+    if not 0.0 <= detect_score_threshold <= 1.0:
+        raise ExportError(f"detect score threshold must be in [0, 1], got {detect_score_threshold}")
+    for name, head in (("segment", segment), ("detect", detect)):
+        if head is None:
+            continue
+        if not Path(head).is_file():
+            raise ExportError(f"--{name} {head}: no such file")
+        if name == "segment":
+            spec_tasks[name] = export_segment(Path(head), out, opset, rng, root)
+        else:
+            spec_tasks[name] = export_detect(Path(head), out, opset, rng, root, detect_score_threshold)
 
     spec: dict[str, Any] = {
         "format": BUNDLE_FORMAT,

@@ -25,17 +25,25 @@ class TritonError(RuntimeError):
     pass
 
 
-def _dims(shape: list[Any]) -> list[int]:
-    """Bundle shape without the batch axis; symbolic sizes (e.g. ``num_masked``) become -1."""
-    if not shape or shape[0] != "batch":
-        raise TritonError(f"expected a leading batch axis, got {shape}")
-    return [d if isinstance(d, int) else -1 for d in shape[1:]]
+def batched(entry: dict[str, Any]) -> bool:
+    """Whether a task's graph has a leading batch axis on every input (``detect`` is fixed to one image)."""
+    return all(t["shape"] and t["shape"][0] == "batch" for t in entry["inputs"])
 
 
-def _tensor_block(kind: str, tensors: list[dict[str, Any]]) -> str:
+def _dims(shape: list[Any], has_batch: bool = True) -> list[int]:
+    """Bundle shape without the batch axis (all axes for unbatched graphs, which Triton serves with
+    ``max_batch_size: 0``); symbolic sizes (e.g. ``num_masked``, ``num_detections``) become -1."""
+    if has_batch:
+        if not shape or shape[0] != "batch":
+            raise TritonError(f"expected a leading batch axis, got {shape}")
+        shape = shape[1:]
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _tensor_block(kind: str, tensors: list[dict[str, Any]], has_batch: bool = True) -> str:
     items = []
     for t in tensors:
-        dims = ", ".join(str(d) for d in _dims(t["shape"]))
+        dims = ", ".join(str(d) for d in _dims(t["shape"], has_batch))
         items.append(f'  {{\n    name: "{t["name"]}"\n    data_type: {_DTYPES[t["dtype"]]}\n    dims: [ {dims} ]\n  }}')
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
@@ -50,11 +58,14 @@ def model_config(
     instances: int,
     max_queue_delay_us: int,
 ) -> str:
+    has_batch = batched(entry)
+    if not has_batch:
+        max_batch_size = 0  # Triton's rule for graphs without an implicit batch axis
     lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}"]
     text = "\n".join(lines) + "\n"
-    text += _tensor_block("input", entry["inputs"])
-    text += _tensor_block("output", entry["outputs"])
-    if task == "embed":
+    text += _tensor_block("input", entry["inputs"], has_batch)
+    text += _tensor_block("output", entry["outputs"], has_batch)
+    if task in ("embed", "segment") and has_batch:
         preferred = [b for b in (4, 8, 16, 32, 64) if b <= max_batch_size]
         text += "dynamic_batching {\n"
         if preferred:

@@ -80,6 +80,13 @@ def test_image_builds_and_serves():
         assert body["shape"][0] == 1 and body["dim"] == len(body["embeddings"][0])
         r = httpx.post(f"{base}/reconstruct", content=_shirt_png(), headers={"Content-Type": "image/png"}, timeout=30)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        # the default bundle ships the dense heads: both routes answer in the image too
+        r = httpx.post(f"{base}/segment?format=json", files={"file": ("shirt.png", _shirt_png(), "image/png")}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"][0]["labels"]) == r.json()["results"][0]["height"]
+        r = httpx.post(f"{base}/detect?masks=rle", files={"file": ("shirt.png", _shirt_png(), "image/png")}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["results"][0]["detections"], list)
         bad = httpx.post(f"{base}/embed", content=b"not an image", headers={"Content-Type": "image/png"})
         assert bad.status_code in (400, 415) and "error" in bad.json()
         uid = subprocess.run(["docker", "exec", name, "id", "-u"], capture_output=True, text=True).stdout.strip()

@@ -161,3 +161,33 @@ def test_default_bundle_is_consistent_and_reexports(tmp_path):
     fresh = export_bundle(ckpt, tmp_path / "re", tasks=("embed",))
     assert fresh["tasks"]["embed"]["parity"]["max_abs_diff"] <= 1e-4
     assert spec["class_names"] and len(spec["class_names"]) == 10
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_default_bundle_dense_graphs_match_their_heads(task):
+    """segment.onnx / detect.onnx in the default bundle equal the committed head checkpoints they came from."""
+    import hashlib
+
+    from export.dense_export import DetectGraph
+    from training.dense.train import load_dense_model
+
+    bundle = REPO / "models" / "default"
+    spec = json.loads((bundle / "spec.json").read_text())
+    entry = spec["tasks"].get(task)
+    if entry is None:
+        pytest.skip(f"the default bundle has no {task} task")
+    head = bundle / f"{task}.safetensors"
+    assert hashlib.sha256(head.read_bytes()).hexdigest() == entry["source_sha256"]
+    model, cfg, pre, classes = load_dense_model(head)
+    assert classes == entry["classes"] and entry["image"]["size"] == cfg.model.img_size
+    s = cfg.model.img_size
+    sess = ort.InferenceSession(str(bundle / entry["file"]))
+    x = np.random.default_rng(1).standard_normal((1, 3, s, s)).astype(np.float32)
+    outs = sess.run(None, {"images": x})
+    with torch.no_grad():
+        ref = [model(torch.from_numpy(x)).numpy()] if task == "segment" else [
+            t.numpy() for t in DetectGraph(model)(torch.from_numpy(x))]  # fmt: skip
+    assert len(outs) == len(ref)
+    for a, b in zip(outs, ref, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-3)
