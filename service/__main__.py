@@ -6,13 +6,18 @@ Flags override ``CAE_*`` environment variables, which override the defaults in `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from .settings import BackendName, PrecisionName, Settings
+
+STARTUP_FAILURE = 3  # uvicorn's status for a lifespan that failed (e.g. "refusing to start: ...")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +46,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import create_app
 
-    uvicorn.run(
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process dies "by signal"
+        (143 under Docker and supervisors) even when every request was answered; a completed graceful
+        shutdown exits 0 here. Ctrl-C (SIGINT) keeps uvicorn's behaviour."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -49,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
     )
-    return 0
+    server = Server(config)
+    server.run()
+    return 0 if server.started else STARTUP_FAILURE
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ class MicroBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cae-{task}")
         self._rows_per_s = 0.0  # EWMA of inference throughput, for Retry-After
+        self._running_since: float | None = None  # time.monotonic() when the current inference call began
 
     # ---------------------------------------------------------------------------------- client side
     @property
@@ -124,7 +125,19 @@ class MicroBatcher:
         return self._pending_rows
 
     def announce(self) -> Ticket:
+        """Register a request about to decode. When the queue is already full it is refused here (429),
+        before its body is read and decoded: under overload that work, done only to be refused at
+        ``submit``, took the CPU from admitted requests (measured: docs/reliability.md)."""
+        if self._pending_rows >= self.queue_size:
+            raise self._queue_full()
         return Ticket(self)
+
+    def _queue_full(self) -> QueueFull:
+        return QueueFull(
+            f"the {self.task} queue is full ({self._pending_rows} images waiting); retry later",
+            limit=self.queue_size,
+            retry_after_s=self._retry_after(),
+        )
 
     async def submit(
         self,
@@ -143,11 +156,7 @@ class MicroBatcher:
                 raise NotReady("the server is shutting down", code="shutting_down")
             rows = int(next(iter(inputs.values())).shape[0])
             if self._pending_rows > 0 and self._pending_rows + rows > self.queue_size:
-                raise QueueFull(
-                    f"the {self.task} queue is full ({self._pending_rows} images waiting); retry later",
-                    limit=self.queue_size,
-                    retry_after_s=self._retry_after(),
-                )
+                raise self._queue_full()
             now = loop.time()
             deadline = float("inf") if deadline is None else deadline
             if deadline <= now:
@@ -170,6 +179,11 @@ class MicroBatcher:
                 job.future.cancel()
             if job.taken < job.rows and job in self._queue:
                 self._drop(job)
+
+    def running_for(self) -> float:
+        """Seconds the current inference call has been running (0 when idle)."""
+        since = self._running_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def _retry_after(self) -> float:
         if self._rows_per_s <= 0:
@@ -301,6 +315,7 @@ class MicroBatcher:
         if m is not None:
             m.batch_size.labels(self.task).observe(rows)
         t0 = time.perf_counter()
+        self._running_since = time.monotonic()
         try:
             out = await loop.run_in_executor(self._executor, self._infer, inputs)
             if _rows(out) != rows:
@@ -313,6 +328,8 @@ class MicroBatcher:
             if self._on_result is not None:
                 self._on_result(False)
             return
+        finally:
+            self._running_since = None
         dt = time.perf_counter() - t0
         if m is not None:
             m.inference.labels(self.task).observe(dt)

@@ -53,6 +53,7 @@ class Runtime:
             max_workers=settings.decode_workers, thread_name_prefix="cae-decode"
         )
         self._failures = 0
+        self._last_probe = 0.0  # time.monotonic() of the last request let through while unhealthy
 
     # ---------------------------------------------------------------------------------------- state
     @property
@@ -60,8 +61,26 @@ class Runtime:
         return self.status == "ready"
 
     def require_ready(self) -> None:
-        if not self.ready:
-            raise NotReady(f"not ready ({self.status})", headers={"Retry-After": "1"})
+        if self.ready:
+            return
+        if self.status == "unhealthy":
+            # Half-open: refused requests never reach the backend, so without a trial now and then a
+            # transient failure (a GPU reset, a full disk) would keep the server unhealthy for good.
+            now = time.monotonic()
+            if now - self._last_probe >= self.settings.unhealthy_retry_s:
+                self._last_probe = now
+                return
+        raise NotReady(f"not ready ({self.status})", headers={"Retry-After": "1"})
+
+    def stuck(self) -> str | None:
+        """Why the server cannot answer in time: an inference call running past the request deadline (a
+        hung backend: every request would time out, so readiness must say so)."""
+        limit = self.settings.request_timeout_s
+        for task, b in self.batchers.items():
+            running = b.running_for()
+            if running > limit:
+                return f"{task} inference running for {running:.0f}s (request_timeout_s {limit:g})"
+        return None
 
     def batcher(self, task: str) -> MicroBatcher:
         """The task's batcher; 404 when the bundle has no such graph, 501 when the backend cannot run it."""
@@ -89,6 +108,7 @@ class Runtime:
         self._failures = 0 if ok else self._failures + 1
         if self._failures >= UNHEALTHY_AFTER and self.status == "ready":
             self.status, self.detail = "unhealthy", f"{self._failures} consecutive inference failures"
+            self._last_probe = time.monotonic()
             self.metrics.ready.set(0)
             _logger.error("marking the server unhealthy: %s", self.detail)
         elif ok and self.status == "unhealthy":

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         description="Requests in flight (bodies held in memory) before new ones get 503 overloaded.",
     )
     shutdown_timeout_s: float = Field(30.0, ge=0, description="Time given to in-flight requests on shutdown.")
+    unhealthy_retry_s: float = Field(
+        5.0,
+        gt=0,
+        description="While unhealthy (repeated inference failures), let one request try the backend this "
+        "often; a success makes the server ready again.",
+    )
 
     # input limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body.")

@@ -177,8 +177,8 @@ def test_e2e_metrics_and_graceful_shutdown(server) -> None:
     proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(10)
-    # uvicorn re-raises SIGTERM after a clean shutdown, so the exit status says "terminated by signal"
-    assert proc.wait(15) in (0, -signal.SIGTERM), log.read_text()
+    # a completed graceful shutdown exits 0 (service/__main__.py keeps uvicorn from re-raising the SIGTERM)
+    assert proc.wait(15) == 0, log.read_text()
     assert "service: stopped" in log.read_text() and "Application shutdown complete" in log.read_text()
     assert set(results) <= {200, -1} and 200 in results, results
     assert "KEY" not in log.read_text() and KEY not in log.read_text()

@@ -24,15 +24,15 @@ async def healthz() -> HealthResponse:
     summary="Readiness: bundle verified, backend loaded, warm-up inference passed",
 )
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    stuck = runtime.stuck() if runtime.ready else None
+    ready = runtime.ready and stuck is None
     body = ReadyResponse(
-        status=runtime.status,
+        status="unhealthy" if stuck else runtime.status,
         model=runtime.bundle.model_id if runtime.bundle else None,
-        backend=f"{runtime.backend.name} {runtime.backend.precision}"
-        if runtime.backend and runtime.ready
-        else None,
-        detail=runtime.detail,
+        backend=f"{runtime.backend.name} {runtime.backend.precision}" if runtime.backend and ready else None,
+        detail=stuck or runtime.detail,
     )
-    if runtime.ready:
+    if ready:
         return JSONResponse(body.model_dump())
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
