@@ -332,8 +332,10 @@ def _denorm(x: Tensor, pre: dict[str, Any]) -> np.ndarray:
 
 @torch.no_grad()
 def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str, Any], path: Path,
-                         device: torch.device, n: int = 6, scale: int = 3) -> None:  # fmt: skip
-    """PNG rows: image | ground truth | prediction (segment: colour label maps; detect: boxes + masks)."""
+                         device: torch.device, n: int = 6, scale: int = 3,
+                         score_threshold: float = 0.5) -> None:  # fmt: skip
+    """PNG rows: image | ground truth | prediction (segment: colour label maps; detect: boxes + masks
+    of the detections scoring above ``score_threshold``)."""
     from PIL import ImageDraw
 
     model.eval()
@@ -347,10 +349,10 @@ def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str
             tiles = [img, _PALETTE[gt % len(_PALETTE)], _PALETTE[pred % len(_PALETTE)]]
         else:
             out = model([x.to(device)])[0]
+            keep = out["scores"] > score_threshold
             tiles = []
             for boxes, labels, masks in ((y["boxes"], y["labels"], y["masks"]),
-                                         (out["boxes"][out["scores"] > 0.5], out["labels"][out["scores"] > 0.5],
-                                          (out["masks"][out["scores"] > 0.5, 0] > 0.5))):  # fmt: skip
+                                         (out["boxes"][keep], out["labels"][keep], out["masks"][keep, 0] > 0.5)):  # fmt: skip
                 canvas = img.copy()
                 for m, lab in zip(masks.cpu().numpy().astype(bool), labels.tolist(), strict=True):
                     canvas[m] = (0.5 * canvas[m] + 0.5 * _PALETTE[lab % len(_PALETTE)]).astype(np.uint8)
