@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config import CONFIG_DIR, ConfigError, _build, _deep_merge, parse_overrides
+from ..config import CONFIG_DIR, ConfigError, _build, _deep_merge, load_preset_dict, parse_overrides
 from ..data import normalize, to_tensor
 from ..models.cae import CAE, CAEConfig
 from .models import CAEPyramid, CAESegmenter, build_mask_rcnn, dense_param_groups
@@ -101,8 +101,6 @@ def list_dense_presets() -> list[str]:
 
 
 def load_dense_config(task: str, name_or_path: str | None, overrides: list[str] | None = None) -> DenseConfig:
-    import yaml
-
     data: dict[str, Any] = {}
     if name_or_path:
         path = Path(name_or_path)
@@ -110,10 +108,7 @@ def load_dense_config(task: str, name_or_path: str | None, overrides: list[str] 
             path = DENSE_CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(f"no dense preset or file {name_or_path!r}; presets: {list_dense_presets()}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        data = load_preset_dict(str(path))  # the pretraining presets' reader: YAML errors, `base:` merges
     data = _deep_merge(data, parse_overrides(overrides or []))
     data.setdefault("task", task)
     cfg: DenseConfig = _build(DenseConfig, data, "")
