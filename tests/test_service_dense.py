@@ -9,8 +9,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,15 @@ from PIL import Image
 from service.bundle import BundleError, load_bundle
 from service.dense import label_map, rle_encode
 from service.imaging import Limits, Preprocessor
-from tests.conftest import REPO
-from tests.test_service_fixtures import CASE_LIMITS, TinyBundle, encode, error_cases, get_tiny_bundle, serve
+from tests.test_service_fixtures import (
+    CASE_LIMITS,
+    TinyBundle,
+    encode,
+    error_cases,
+    get_tiny_bundle,
+    run_torchless_driver,
+    serve,
+)
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -445,56 +450,7 @@ def test_dense_spec_needs_classes(dense_bundle: Path, tmp_path: Path) -> None:
         load_bundle(bad)
 
 
-DRIVER = r"""
-import json, sys
-
-attempts = []
-
-
-class Watch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            attempts.append(name)
-        return None
-
-
-sys.meta_path.insert(0, Watch())
-from fastapi.testclient import TestClient
-from service.app import create_app
-from service.settings import Settings
-import io
-from PIL import Image
-
-buf = io.BytesIO()
-Image.new("RGB", (40, 30), (200, 100, 50)).save(buf, "PNG")
-png = buf.getvalue()
-used = []
-for backend in ("onnxruntime", "auto"):
-    app = create_app(Settings(model_dir=sys.argv[1], backend=backend))
-    with TestClient(app) as c:
-        raw = {"content-type": "image/png"}
-        assert c.post("/embed", content=png, headers=raw).status_code == 200
-        assert c.post("/segment?overlay=true", content=png, headers=raw).status_code == 200
-        assert c.post("/detect?masks=rle", content=png, headers=raw).status_code == 200
-        used.append(c.get("/v1/models").json()["data"][0]["backend"]["name"])
-print(json.dumps({"attempts": attempts, "torch": "torch" in sys.modules, "used": used}))
-"""
-
-
 def test_serving_dense_heads_never_imports_torch(dense_bundle: Path) -> None:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAE_")}
-    env["PYTHONPATH"] = str(REPO)
-    r = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(dense_bundle)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_torchless_driver(dense_bundle, ["/embed", "/segment?overlay=true", "/detect?masks=rle"])
     assert out["attempts"] == [] and out["torch"] is False, out
     assert out["used"][0] == "onnxruntime" and out["used"][1] in ("openvino", "onnxruntime")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,14 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from tests.test_service_fixtures import CASE_LIMITS, TinyBundle, error_cases, get_tiny_bundle, png_bytes
+from tests.test_service_fixtures import (
+    CASE_LIMITS,
+    TinyBundle,
+    error_cases,
+    get_tiny_bundle,
+    png_bytes,
+    run_torchless_driver,
+)
 
 KEY = "e2e-secret-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -195,53 +201,7 @@ def test_e2e_damaged_bundle_refuses_to_start(tiny_bundle: TinyBundle, tmp_path: 
     assert "refusing to start" in log.read_text() and "reconstruct.onnx: sha256 mismatch" in log.read_text()
 
 
-DRIVER = r"""
-import json, sys
-
-attempts = []
-
-
-class Watch:
-    # records any attempt to import torch (without blocking it, so nothing is hidden)
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            attempts.append(name)
-        return None
-
-
-sys.meta_path.insert(0, Watch())
-from fastapi.testclient import TestClient
-from service.app import create_app
-from service.settings import Settings
-import io
-from PIL import Image
-
-buf = io.BytesIO()
-Image.new("RGB", (40, 30), (200, 100, 50)).save(buf, "PNG")
-png = buf.getvalue()
-used = []
-for backend in ("onnxruntime", "auto"):
-    app = create_app(Settings(model_dir=sys.argv[1], backend=backend))
-    with TestClient(app) as c:
-        raw = {"content-type": "image/png"}
-        assert c.post("/embed?pooling=none", content=png, headers=raw).status_code == 200
-        assert c.post("/reconstruct", content=png, headers=raw).status_code == 200
-        used.append(c.get("/v1/models").json()["data"][0]["backend"]["name"])
-print(json.dumps({"attempts": attempts, "torch": "torch" in sys.modules, "training": "training" in sys.modules,
-                  "used": used}))
-"""
-
-
 def test_serving_onnx_never_imports_torch(tiny_bundle: TinyBundle) -> None:
-    r = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(tiny_bundle.path)],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_torchless_driver(tiny_bundle.path, ["/embed?pooling=none", "/reconstruct"], timeout=120)
     assert out == {"attempts": [], "torch": False, "training": False, "used": out["used"]}, out
     assert out["used"][0] == "onnxruntime" and out["used"][1] in ("openvino", "onnxruntime")

@@ -310,3 +310,58 @@ CASE_LIMITS = {
     "max_pixels": 1_000_000,
     "min_side": 16,
 }
+
+
+# Runs the app in a fresh interpreter on a bundle, posts each route given after the bundle path (one PNG,
+# raw body) with the onnxruntime and auto backends, and reports any attempt to import torch (recorded,
+# not blocked, so nothing is hidden) and whether torch / training ended up imported.
+TORCHLESS_DRIVER = r"""
+import json, sys
+
+attempts = []
+
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            attempts.append(name)
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+import io
+from PIL import Image
+
+buf = io.BytesIO()
+Image.new("RGB", (40, 30), (200, 100, 50)).save(buf, "PNG")
+png = buf.getvalue()
+used = []
+for backend in ("onnxruntime", "auto"):
+    app = create_app(Settings(model_dir=sys.argv[1], backend=backend))
+    with TestClient(app) as c:
+        for route in sys.argv[2:]:
+            r = c.post(route, content=png, headers={"content-type": "image/png"})
+            assert r.status_code == 200, (route, r.status_code, r.text[:500])
+        used.append(c.get("/v1/models").json()["data"][0]["backend"]["name"])
+print(json.dumps({"attempts": attempts, "torch": "torch" in sys.modules, "training": "training" in sys.modules,
+                  "used": used}))
+"""
+
+
+def run_torchless_driver(bundle: Path, routes: list[str], timeout: float = 180) -> dict[str, Any]:
+    """Serve ``routes`` from ``bundle`` in a subprocess (no CAE_* settings inherited); the driver's report."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAE_")}
+    env["PYTHONPATH"] = str(REPO)
+    r = subprocess.run([sys.executable, "-c", TORCHLESS_DRIVER, str(bundle), *routes], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
