@@ -10,7 +10,6 @@ in the header, which ``python -m export onnx --segment/--detect`` turns into bun
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import CONFIG_DIR, ConfigError, _build, _deep_merge, load_preset_dict, parse_overrides
 from ..data import normalize, to_tensor
+from ..engine import _atomic_torch_save, _fmt_eta
+from ..evaluation import _autocast, _lr_at
 from ..models.cae import CAE, CAEConfig
 from .models import CAEPyramid, CAESegmenter, build_mask_rcnn, dense_param_groups
 
@@ -233,38 +234,19 @@ def build_dense_model(cfg: DenseConfig, num_classes: int, seed: int = 0) -> tupl
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _lr_at(progress: float, cfg: DenseOptimSection) -> float:
-    """Linear warmup from 0, then cosine to min_lr; ``progress`` in epochs (fractional, per step)."""
-    if progress < cfg.warmup_epochs:
-        return cfg.lr * progress / max(cfg.warmup_epochs, 1e-12)
-    t = (progress - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-12)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-def _fmt_eta(s: float) -> str:
-    s = int(max(s, 0))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _device(cfg: DenseConfig) -> torch.device:
-    want = cfg.runtime.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device=cuda but no CUDA device is available")
-    return torch.device("cuda" if (want in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
+    from ..evaluation import EvalError, _resolve_device
+
+    try:
+        return _resolve_device(cfg.runtime.device)
+    except EvalError as e:
+        raise ConfigError(f"runtime.device: {e}") from e
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _amp(precision: str, device: torch.device) -> torch.dtype | None:
+    from ..evaluation import _resolve_precision
+
+    return _resolve_precision(precision, device)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -276,7 +258,7 @@ def evaluate_segmentation(model: CAESegmenter, loader: DataLoader, num_classes: 
     model.eval()
     meter = SegmentationMeter(num_classes)
     for x, y in loader:
-        with _autocast(device, precision):
+        with _autocast(device, _amp(precision, device)):
             logits = model(x.to(device))
         meter.update(logits.argmax(1).cpu().numpy(), y.numpy())
     return meter.compute()
@@ -367,7 +349,7 @@ def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _datasets(cfg: DenseConfig, pre: dict[str, Any] | None = None) -> tuple[Any, Any, list[str]]:
+def _datasets(cfg: DenseConfig) -> tuple[Any, Any, list[str]]:
     from ..data import DataError
     from .datasets import CocoInstances, SegmentationFolder
 
@@ -407,6 +389,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
     torch.manual_seed(cfg.runtime.seed)
     np.random.seed(cfg.runtime.seed)
     device = _device(cfg)
+    amp = _amp(cfg.runtime.precision, device)
     src_tr, src_va, classes = _datasets(cfg)
     num_classes = len(classes)
     model, pre, encoder_id, cae = build_dense_model(cfg, num_classes, seed=cfg.runtime.seed)
@@ -473,10 +456,10 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
         model.train()
         sums: dict[str, float] = {}
         for it, batch in enumerate(loader):
-            lr = _lr_at(epoch + it / steps, sched)
+            lr = _lr_at(epoch + it / steps, sched.lr, sched.epochs, sched.warmup_epochs, sched.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            with _autocast(device, cfg.runtime.precision):
+            with _autocast(device, amp):
                 if cfg.task == "segment":
                     x, y = batch
                     losses = model.loss(x.to(device), y.to(device))
@@ -533,7 +516,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                          {k: v for k, v in res.items() if k != "per_class_iou"})  # fmt: skip
             log({"kind": "eval", "epoch": epoch, "step": (epoch + 1) * steps, **res})
             best = res
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "epochs": sched.epochs,
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "epochs": sched.epochs,
                       "generator": gen.get_state(), "config": json.dumps(cfg.to_dict())}, ck_path)  # fmt: skip
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         if last or (epoch + 1) % max(cfg.runtime.vis_every_epochs, 1) == 0:
