@@ -18,12 +18,12 @@ from training.dense.models import (
     CAEPyramid,
     CAESegmenter,
     build_mask_rcnn,
-    dense_param_groups,
     interpolate_pos_embed,
     pyramid_indices,
 )
 from training.dense.scenes import generate_scenes
 from training.dense.train import load_dense_config, load_dense_model, train_dense
+from training.evaluation import finetune_param_groups
 from training.models import create_model, save_model
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2,
@@ -116,7 +116,7 @@ def test_mask_rcnn_train_and_eval_outputs():
 
 def test_layer_decay_groups():
     seg = CAESegmenter(CAEPyramid(tiny_cae().encoder, 16), 3, channels=16)
-    groups = dense_param_groups(seg, 0.05, 0.5, seg.num_layers)
+    groups = finetune_param_groups(seg, 0.05, 0.5)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     assert scale["backbone.encoder.patch_embed.proj.weight"] == pytest.approx(0.5**5)
     assert scale["backbone.encoder.blocks.3.mlp.fc1.weight"] == pytest.approx(0.5)

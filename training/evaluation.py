@@ -1064,19 +1064,20 @@ def layer_id_for(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def finetune_param_groups(
-    model: FinetuneClassifier, weight_decay: float, layer_decay: float
-) -> list[dict[str, Any]]:
-    """AdamW groups by (layer id, decay): lr scale decay^(L+1-id); no decay on 1-D params, biases,
-    cls_token and position tables. Each group carries ``layer_id``, ``lr_scale`` and ``names``."""
+def finetune_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups by (layer id, decay): lr scale decay^(L+1-id) with L = ``model.num_layers``; no decay
+    on 1-D params, biases, cls_token and position tables. Each group carries ``layer_id``, ``lr_scale`` and
+    ``names``. The encoder's parameters are found by the ``encoder.`` in their names wherever it sits
+    (a classifier's ``encoder.*``, a dense model's ``backbone.encoder.*``); everything else (necks, heads,
+    ``fc_norm``) gets layer id L+1, i.e. the full lr."""
     num_layers = model.num_layers
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        short = name.removeprefix("encoder.")
+        short = name.split("encoder.", 1)[1] if "encoder." in name else None
         no_decay = param.ndim == 1 or name.endswith(".bias") or short in ("cls_token", "pos_embed")
-        lid = layer_id_for(name, num_layers)
+        lid = layer_id_for(short, num_layers) if short is not None else num_layers + 1
         g = groups.setdefault(
             (lid, no_decay),
             {

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.cae import CAE, Encoder
+from ..models.cae import Encoder
 
 __all__ = [
     "CAEPyramid",
@@ -32,7 +32,6 @@ __all__ = [
     "build_mask_rcnn",
     "pyramid_indices",
     "interpolate_pos_embed",
-    "dense_param_groups",
 ]
 
 
@@ -306,29 +305,3 @@ def build_mask_rcnn(
     )
     model.num_layers = pyramid.num_layers  # for layer-wise lr decay
     return model
-
-
-def dense_param_groups(model: nn.Module, weight_decay: float, layer_decay: float, num_layers: int) -> list[dict[str, Any]]:
-    """AdamW groups with the official layer-wise lr decay on the encoder (lr scale decay^(L+1-id)), scale 1
-    for the neck and heads; no weight decay on 1-D parameters, biases, cls token and position tables."""
-    from ..evaluation import layer_id_for
-
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = name.split("encoder.", 1)[1] if "encoder." in name else None
-        lid = layer_id_for(key, num_layers) if key is not None else num_layers + 1
-        no_decay = param.ndim == 1 or name.endswith(".bias") or (key in ("cls_token", "pos_embed"))
-        g = groups.setdefault(
-            (lid, no_decay),
-            {"params": [], "names": [], "layer_id": lid, "lr_scale": layer_decay ** (num_layers + 1 - lid),
-             "weight_decay": 0.0 if no_decay else weight_decay},
-        )  # fmt: skip
-        g["params"].append(param)
-        g["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
-
-
-def encoder_from(model: CAE | Encoder) -> Encoder:
-    return model.encoder if isinstance(model, CAE) else model

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..config import CONFIG_DIR, ConfigError, _build, _deep_merge, load_preset_dict, parse_overrides
 from ..data import normalize, to_tensor
 from ..engine import _atomic_torch_save, _fmt_eta
-from ..evaluation import _autocast, _lr_at
+from ..evaluation import _autocast, _lr_at, finetune_param_groups
 from ..models.cae import CAE, CAEConfig
-from .models import CAEPyramid, CAESegmenter, build_mask_rcnn, dense_param_groups
+from .models import CAEPyramid, CAESegmenter, build_mask_rcnn
 
 _logger = logging.getLogger("training.dense")
 DENSE_CONFIG_DIR = CONFIG_DIR / "dense"
@@ -407,7 +407,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
     steps = max(len(ds_tr) // bs, 1)
     gen = torch.Generator().manual_seed(cfg.runtime.seed)
     loader_va = DataLoader(ds_va, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate)
-    groups = dense_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, model.num_layers)
+    groups = finetune_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.999))
 
     start_epoch = 0
