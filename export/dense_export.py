@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .onnx_export import ExportError, _export, _session, _sha256
+
 _logger = logging.getLogger("export")
 
 SEG_MAX_ABS = 1e-3  # logits; the argmax agreement is reported too
@@ -81,8 +83,6 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
                    scenes_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
 
-    from .onnx_export import ExportError, _export, _session
-
     model, cfg, pre, classes = load_dense_model(head)
     model.eval()
     s = cfg.model.img_size
@@ -117,15 +117,13 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
         "variants": {},
         "image": _image_spec(pre, cfg, model.backbone.patch_size),
         "classes": list(classes),
-        "source_sha256": _sha(head),
+        "source_sha256": _sha256(head),
     }
 
 
 def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generator,
                   scenes_root: Path | None = None, score_threshold: float = 0.5) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
-
-    from .onnx_export import ExportError, _session
 
     model, cfg, pre, classes = load_dense_model(head)
     graph = DetectGraph(model).eval()
@@ -184,11 +182,5 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
         "image": _image_spec(pre, cfg, model.backbone.body.patch_size),
         "classes": list(classes),
         "score_threshold": score_threshold,
-        "source_sha256": _sha(head),
+        "source_sha256": _sha256(head),
     }
-
-
-def _sha(path: Path) -> str:
-    from .onnx_export import _sha256
-
-    return _sha256(path)
