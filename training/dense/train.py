@@ -509,9 +509,6 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                 res = evaluate_segmentation(model, loader_va, num_classes, device, cfg.runtime.precision)
             else:
                 res = evaluate_detection(model, loader_va, src_va, device)
-            res = {k: v for k, v in res.items() if k != "per_class_iou"} | (
-                {"per_class_iou": res["per_class_iou"]} if "per_class_iou" in res else {}
-            )
             _logger.info("%s eval after epoch %d (%.1f s): %s", cfg.task, epoch + 1, time.perf_counter() - t_eval,
                          {k: v for k, v in res.items() if k != "per_class_iou"})  # fmt: skip
             log({"kind": "eval", "epoch": epoch, "step": (epoch + 1) * steps, **res})
