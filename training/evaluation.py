@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import data as D
+from .engine import _fmt_eta
 from .models import CAE, CAEConfig, CheckpointError, create_model, list_models, load_model
 from .models.checkpoint import read_metadata, sha256_file
 from .models.layers import CrossAttention, relative_position_index
@@ -514,11 +515,6 @@ def _auto_threads(requested: int | None) -> int:
     except OSError:
         busy = 0
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class _Progress:
