@@ -1,4 +1,5 @@
-"""``python -m export``: checkpoint conversion (and, later, ONNX/TensorRT/Triton export)."""
+"""``python -m export``: checkpoint conversion, model bundles (ONNX + spec.json), TensorRT engines and Triton
+model repositories."""
 
 from __future__ import annotations
 

@@ -74,13 +74,51 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_presets(args: argparse.Namespace) -> int:
-    from training.config import list_presets, load_config
+def _dense_task(name: str) -> str | None:
+    """The task of a dense preset or dense YAML file (its top-level ``task``), None for a pretraining one."""
+    from training.config import ConfigError, list_presets, load_preset_dict
+    from training.dense.train import DENSE_CONFIG_DIR, list_dense_presets
 
-    if args.name:
-        sys.stdout.write(load_config(args.name).to_yaml())
+    if name in list_presets():
+        return None
+    if name in list_dense_presets():
+        data = load_preset_dict(str(DENSE_CONFIG_DIR / f"{name}.yaml"))
+    elif Path(name).suffix and Path(name).is_file():
+        data = load_preset_dict(name)
+        if "task" not in data:
+            return None
     else:
-        sys.stdout.write("\n".join(list_presets()) + "\n")
+        raise ConfigError(
+            f"no preset or file {name!r}; pretraining presets: {list_presets()}, "
+            f"dense presets: {list_dense_presets()}"
+        )
+    task = data.get("task", "segment")
+    if task not in ("segment", "detect"):
+        raise ConfigError(f"{name}: task {task!r} is not one of 'segment', 'detect'")
+    return str(task)
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    import yaml
+
+    from training.config import ConfigError, list_presets, load_config
+    from training.dense.train import list_dense_presets, load_dense_config
+
+    if not args.name:
+        lines = ["pretraining (pretrain --config NAME):", *(f"  {n}" for n in list_presets()),
+                 "dense heads (segment|detect --config NAME):", *(f"  {n}" for n in list_dense_presets())]  # fmt: skip
+        sys.stdout.write("\n".join(lines) + "\n")
+        return 0
+    try:
+        task = _dense_task(args.name)
+        if task is None:
+            text = load_config(args.name).to_yaml()
+        else:
+            text = yaml.safe_dump(load_dense_config(task, args.name).to_dict(), sort_keys=False)
+    except ConfigError as e:
+        _logger.error("%s", e)
+        return 2
+    sys.stdout.write(text)
     return 0
 
 
@@ -159,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
         d.set_defaults(func=_cmd_dense)
 
-    s = sub.add_parser("presets", help="list presets, or print one resolved")
-    s.add_argument("name", nargs="?")
+    s = sub.add_parser("presets", help="list pretraining and dense presets, or print one resolved")
+    s.add_argument("name", nargs="?", help="a preset name or a YAML file (pretraining or dense)")
     s.set_defaults(func=_cmd_presets)
     return p
 
