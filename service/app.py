@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         summary="Context Autoencoder image encoders: embeddings and masked-patch reconstructions.",
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        docs_url=None,  # /docs and /redoc come from routers/docs.py: offline assets, no CDN
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.state.settings = settings

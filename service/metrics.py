@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -69,6 +70,21 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def route_label(scope: Scope) -> str:
+    """The route template a request was served by: FastAPI sets ``scope["route"]`` for its own routes
+    only, so plain Starlette routes (``/openapi.json``) are matched against the app's routes here; only
+    requests no route matches (404s) are ``unmatched``, which keeps the label values bounded."""
+    route: Any = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        return str(path)
+    for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        match, _ = candidate.matches(scope)
+        if match is Match.FULL:
+            return str(getattr(candidate, "path", None) or "unmatched")
+    return "unmatched"
+
+
 class MetricsMiddleware:
     """Counts and times every HTTP request by its route template (bounded label values)."""
 
@@ -90,7 +106,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route: Any = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
+            name = route_label(scope)
             self.metrics.requests.labels(name, scope["method"], str(status["code"])).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - t0)

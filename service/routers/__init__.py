@@ -11,7 +11,7 @@ call for graphs fixed to batch 1; a dict of outputs per image for multi-output g
 
 from fastapi import APIRouter
 
-from . import detect, embed, health, models, reconstruct, segment
+from . import detect, docs, embed, health, models, reconstruct, segment
 
 ROUTERS: list[APIRouter] = [
     health.router,
@@ -20,6 +20,7 @@ ROUTERS: list[APIRouter] = [
     reconstruct.router,
     segment.router,
     detect.router,
+    docs.router,
 ]
 
 __all__ = ["ROUTERS"]
