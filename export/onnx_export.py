@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from training.models import CAE, load_model
+from training.models import CAE, load_model, parse_readout
 from training.models.checkpoint import read_metadata, sha256_file
 from training.models.layers import resample_abs_pos_embed
 
@@ -52,8 +52,8 @@ class EmbedGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model.forward_features(images)
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.forward_embed(images)
 
 
 class ReconstructGraph(nn.Module):
@@ -157,6 +157,7 @@ def real_images(pre: Preprocess, n: int = 8) -> np.ndarray | None:
 
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
             output_names: list[str], opset: int) -> None:  # fmt: skip
+    module.eval()  # inference graphs: no drop path, batch-norm statistics frozen (and no train-mode warning)
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic_shapes = tuple({0: batch} for _ in args)
     try:
@@ -190,17 +191,21 @@ def check_parity(task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, 
     sess = _session(onnx_path)
     worst_abs, worst_cos = 0.0, 1.0
     for feed in inputs:
-        (ours,) = sess.run(None, feed)
+        outs = sess.run(None, feed)
         with torch.no_grad():
             if task == "embed":
-                ref = model.forward_features(torch.from_numpy(feed["images"])).numpy()
+                x = torch.from_numpy(feed["images"])
+                refs = [model.forward_features(x).numpy(), model.forward_block_readouts(x).numpy()]
             else:
                 out = model(torch.from_numpy(feed["images"]), torch.from_numpy(feed["mask"]))
-                ref = out.pred.numpy()
-        if ours.shape != ref.shape:
-            raise ExportError(f"{onnx_path.name}: output shape {ours.shape} != PyTorch {ref.shape}")
-        worst_abs = max(worst_abs, float(np.abs(ours - ref).max()))
-        worst_cos = min(worst_cos, _cosine_rows(ours, ref))
+                refs = [out.pred.numpy()]
+        if len(outs) != len(refs):
+            raise ExportError(f"{onnx_path.name}: {len(outs)} outputs, PyTorch gives {len(refs)}")
+        for ours, ref in zip(outs, refs, strict=True):
+            if ours.shape != ref.shape:
+                raise ExportError(f"{onnx_path.name}: output shape {ours.shape} != PyTorch {ref.shape}")
+            worst_abs = max(worst_abs, float(np.abs(ours - ref).max()))
+            worst_cos = min(worst_cos, _cosine_rows(ours, ref))
     report = {"max_abs_diff": worst_abs, "min_cosine": worst_cos, "bound_max_abs": FP32_MAX_ABS,
               "bound_min_cosine": FP32_MIN_COS, "inputs": len(inputs)}  # fmt: skip
     if not (worst_abs <= FP32_MAX_ABS and worst_cos >= FP32_MIN_COS):
@@ -208,8 +213,11 @@ def check_parity(task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, 
     return report
 
 
-def _pooled(tokens: np.ndarray) -> np.ndarray:
-    return tokens[:, 0]  # cls after the final norm: the embedding /embed returns by default
+def _pooled(outs: list[np.ndarray]) -> list[np.ndarray]:
+    """Every served readout of an embed graph's outputs (cls, mean, and each block's cls/mean)."""
+    tokens, blocks = outs[0], outs[1] if len(outs) > 1 else None
+    pooled = [tokens[:, 0], tokens[:, 1:].mean(axis=1)]
+    return pooled + ([blocks.reshape(len(blocks), -1)] if blocks is not None else [])
 
 
 def make_variant(kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -233,9 +241,11 @@ def make_variant(kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[di
     ref, low = _session(ref_path), _session(dst)
     worst = 1.0
     for feed in feeds:
-        a = ref.run(None, feed)[0]
-        b = low.run(None, feed)[0]
-        worst = min(worst, _cosine_rows(_pooled(a), _pooled(b)) if a.ndim == 3 and "mask" not in feed else _cosine_rows(a, b))
+        a, b = ref.run(None, feed), low.run(None, feed)
+        if "mask" in feed:  # reconstruct: what the route returns, per masked patch
+            worst = min(worst, _cosine_rows(a[0], b[0]))
+        else:  # embed: every readout /embed serves, the worst of them
+            worst = min(worst, *(_cosine_rows(x, y) for x, y in zip(_pooled(a), _pooled(b), strict=True)))
     report = {"min_cosine_pooled": worst, "bound_min_cosine": bound}
     if worst < bound:
         raise ExportError(f"{dst.name} misses its bound: cosine {worst:.6f} < {bound}")
@@ -270,6 +280,8 @@ def export_bundle(
     if "reconstruct" in tasks and model.cfg.encoder_only:
         raise ExportError("reconstruct needs a pretraining checkpoint (this one is encoder-only); use --tasks embed")
     pre = preprocess_for(checkpoint, model, size)
+    default_pooling = read_metadata(checkpoint).get("readout") or "cls"  # the readout the model card measured
+    parse_readout(default_pooling, model.cfg.depth)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     c = model.cfg
@@ -285,11 +297,16 @@ def export_bundle(
         if real is not None:
             fresh.append(real)
         if task == "embed":
-            _export(EmbedGraph(model), (x_exp,), path, ["images"], ["tokens"], opset)
+            _export(EmbedGraph(model), (x_exp,), path, ["images"], ["tokens", "block_readouts"], opset)
             feeds = [{"images": x} for x in fresh]
             io = {
                 "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", c.in_chans, size, size]}],
-                "outputs": [{"name": "tokens", "dtype": "float32", "shape": ["batch", 1 + c.num_patches, c.embed_dim]}],
+                "outputs": [
+                    {"name": "tokens", "dtype": "float32", "shape": ["batch", 1 + c.num_patches, c.embed_dim]},
+                    {"name": "block_readouts", "dtype": "float32", "shape": ["batch", c.depth, 2, c.embed_dim]},
+                ],
+                "poolings": ["cls", "mean", "cls+mean", *(f"last{n}" for n in range(1, c.depth + 1)), "none"],
+                "default_pooling": default_pooling,
             }
         else:
             mask_exp = torch.from_numpy(_random_mask(2, c.num_patches, nm, rng))

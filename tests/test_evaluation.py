@@ -82,7 +82,15 @@ def _eval(assets: dict[str, Path], protocol: str, **kw: object) -> dict:
 @pytest.mark.parametrize("protocol", E.PROTOCOLS)
 def test_protocol_results(assets: dict[str, Path], protocol: str) -> None:
     r = _eval(assets, protocol)
-    assert set(r) == RESULT_KEYS
+    frozen_vectors = protocol in ("knn", "linear")
+    extra = {"feature"} | ({"baseline_pixels"} if frozen_vectors else set()) | ({"budget_2x"} if protocol == "linear" else set())
+    assert set(r) == RESULT_KEYS | extra
+    if frozen_vectors:  # the raw-pixel baseline by the same code, on the same split
+        assert r["feature"] == "cls" and r["baseline_pixels"]["feature_dim"] == 3 * 16 * 16
+        assert 0.0 <= r["baseline_pixels"]["top1"] <= 100.0
+    if protocol == "linear":  # twice the epochs, to show (non-)convergence
+        assert r["budget_2x"]["epochs"] == 2 * r["params"]["epochs"]
+        assert r["budget_2x"]["delta_top1"] == pytest.approx(r["budget_2x"]["top1"] - r["top1"])
     json.dumps(r)  # serializable
     assert r["protocol"] == protocol and r["num_classes"] == 3 and r["feature_dim"] == 32
     assert r["n_train"] == 3 * N_TRAIN and r["n_test"] == (15 if protocol == "finetune" else 3 * N_VAL)
@@ -99,7 +107,8 @@ def test_cache_is_reused(assets: dict[str, Path], monkeypatch: pytest.MonkeyPatc
     cache = assets["root"] / "cache-reuse"
     first = _eval(assets, "linear", cache_dir=str(cache))
     assert first["features_cached"] is False
-    assert len(list(cache.glob("*/cls.npy"))) == 2 and len(list(cache.glob("*/labels.npy"))) == 2
+    # train and test of the model, and of the raw-pixel baseline
+    assert len(list(cache.glob("*/cls.npy"))) == 4 and len(list(cache.glob("*/labels.npy"))) == 4
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("features should come from the cache")
@@ -253,11 +262,34 @@ def test_cli_json(assets: dict[str, Path]) -> None:
     assert bad.returncode == 2 and "unknown knn parameter 'nope'" in bad.stderr
 
 
-@pytest.mark.parametrize("feature", ["mean", "cls+mean"])
-def test_pooled_patch_features(assets: dict[str, Path], feature: str) -> None:
+@pytest.mark.parametrize(("feature", "dim"), [("mean", 32), ("cls+mean", 64), ("last2", 128), ("last1", 64)])
+def test_pooled_patch_features(assets: dict[str, Path], feature: str, dim: int) -> None:
     r = _eval(assets, "knn", overrides=[*FAST["knn"], f"feature={feature}"])
-    assert r["params"]["feature"] == feature and r["top1"] > 60
+    assert r["params"]["feature"] == feature and r["feature"] == feature and r["feature_dim"] == dim and r["top1"] > 60
     lin = _eval(assets, "linear", overrides=[*FAST["linear"], f"feature={feature}"])
-    assert lin["feature_dim"] in (32, 64) and 0 <= lin["top1"] <= 100
+    assert lin["feature_dim"] == dim and 0 <= lin["top1"] <= 100
+    with pytest.raises(E.EvalError, match="readout of this 2-block encoder"):
+        _eval(assets, "knn", overrides=["feature=last3"])
     with pytest.raises(E.EvalError, match="feature must be"):
         _eval(assets, "knn", overrides=["feature=max"])
+
+
+def test_default_feature_is_the_checkpoint_readout(assets: dict[str, Path]) -> None:
+    """The readout a checkpoint declares (what its bundle's /embed serves by default) is what eval measures."""
+    path = save_model(tiny_cae(), assets["root"] / "readout.safetensors", metadata={"readout": "cls+mean"})
+    r = _eval(assets, "knn", checkpoint=path)
+    assert r["feature"] == "cls+mean" and r["feature_dim"] == 64
+    assert _eval(assets, "knn")["feature"] == "cls"  # no declaration: the official cls token
+
+
+def test_readouts_match_the_model(assets: dict[str, Path]) -> None:
+    """extract_features' readouts are CAE.forward_readout's, and lastN ends with cls+mean of the last block."""
+    model = tiny_cae()
+    ds = TransformedDataset(ImageFolderDataset(assets["data"] / "val"), EvalTransform(16, IMAGENET_MEAN, (0.2, 0.2, 0.2)))
+    feats = E.extract_features(model, torch.utils.data.Subset(ds, range(6)), readouts=["mean", "cls+mean", "last2"])
+    x = torch.stack([ds[i][0] for i in range(6)])
+    with torch.no_grad():
+        for r in ("mean", "cls+mean", "last2"):
+            np.testing.assert_allclose(feats[r], model.forward_readout(x, r).numpy(), atol=1e-5)
+    assert feats["last2"].shape == (6, 128)
+    np.testing.assert_allclose(feats["last2"][:, 64:], feats["cls+mean"], atol=1e-5)

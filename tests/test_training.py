@@ -309,3 +309,77 @@ def test_non_finite_loss_stops_before_any_save(tmp_path, image_folder, monkeypat
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         pretrain(cfg, tmp_path / "run")
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+# ------------------------------------------------------------------ instance-level extension
+def test_zoom_out_shrinks_and_moves_the_object(image_folder):
+    """Zoom-out pastes the crop at a fraction of the side on a canvas of the corner colour; off, the
+    transform draws exactly the official random numbers."""
+    from PIL import Image
+
+    from training import data as D
+
+    img = Image.new("RGB", (20, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))
+    img.putpixel((0, 0), (0, 0, 0))  # corner colour: the canvas fill
+    cfg = D.TransformConfig(img_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, mean=(0, 0, 0), std=(1, 1, 1),
+                            zoom_out=(0.5, 0.5), zoom_out_prob=1.0)  # fmt: skip
+    x = D.PretrainTransform(cfg)(img, np.random.default_rng(0))["images"]
+    bright = (x[0] > 0.5).nonzero()
+    assert bright.shape[0] == pytest.approx(8 * 8, abs=8)  # half the side -> a quarter of the area
+    assert (x[0] < 0.1).float().mean() > 0.7  # the rest is canvas
+    plain = D.TransformConfig(img_size=16, mean=(0, 0, 0), std=(1, 1, 1))
+    a = D.PretrainTransform(plain)(img, np.random.default_rng(3))["images"]
+    b = D.PretrainTransform(D.TransformConfig(img_size=16, mean=(0, 0, 0), std=(1, 1, 1), zoom_out_prob=0.0,
+                                              jitter=0.0))(img, np.random.default_rng(3))["images"]  # fmt: skip
+    assert torch.equal(a, b)
+
+
+def test_two_views_are_independent(image_folder):
+    from training import data as D
+
+    img, _ = D.build_source(f"imagefolder:{image_folder}")[0]
+    cfg = D.TransformConfig(img_size=16, two_views=True, jitter=0.4, zoom_out_prob=0.5)
+    out = D.PretrainTransform(cfg)(img, np.random.default_rng(0))
+    assert out["images"].shape == out["images2"].shape == (3, 16, 16)
+    assert not torch.equal(out["images"], out["images2"])
+
+
+def test_contrastive_term_trains_resumes_and_inits_from_a_model(tmp_path, image_folder):
+    """instance.kind=contrastive adds loss_instance (and its accuracy) to the CAE loss, keeps the head in
+    the checkpoint (exact resume), and model.init_from starts from saved weights."""
+    base = tmp_path / "base"
+    pretrain(tiny_cfg(image_folder, "optim.epochs=1"), base)
+    common = ["optim.epochs=2", "instance.kind=contrastive", "instance.hidden_dim=32", "instance.proj_dim=16",
+              "data.zoom_out_prob=0.5", "data.jitter=0.3", f"model.init_from={base / 'model.safetensors'}",
+              "runtime.save_every_steps=2"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    pretrain(tiny_cfg(image_folder, *common), full)
+    recs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert all("loss_instance" in r and 0.0 <= r["instance_acc"] <= 1.0 for r in train)
+    for r in train:
+        assert r["loss"] == pytest.approx(r["loss_main"] + r["loss_align"] + r["loss_instance"], rel=1e-5)
+    ck = torch.load(sorted(full.glob("checkpoint-*.pth"))[-1], weights_only=False)
+    assert any(k.startswith("net.") for k in ck["instance_head"])
+    pretrain(tiny_cfg(image_folder, *common, "runtime.max_steps=4"), part)
+    pretrain(tiny_cfg(image_folder, *common), part, resume=True)
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) and all(a[s] == b[s] for s in a)
+    # the first step starts from the base weights, not from a fresh init
+    fresh = tmp_path / "fresh"
+    pretrain(tiny_cfg(image_folder, *[c for c in common if not c.startswith("model.init_from")], "runtime.max_steps=1"), fresh)
+    assert train_losses(fresh)[1] != a[1]
+    with pytest.raises(ConfigError, match="architecture differs"):
+        pretrain(tiny_cfg(image_folder, *common, "model.overrides.depth=3"), tmp_path / "bad")
+    with pytest.raises(ConfigError, match="init_from"):
+        pretrain(tiny_cfg(image_folder, *common[:-2], f"model.init_from={tmp_path / 'missing.safetensors'}"), tmp_path / "bad2")
+
+
+def test_max_steps_eta_counts_only_the_steps_left(tmp_path, image_folder, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="training"):
+        pretrain(tiny_cfg(image_folder, "optim.epochs=50", "runtime.max_steps=3"), tmp_path / "run")
+    etas = [r.getMessage().rsplit("eta ", 1)[1] for r in caplog.records if " eta " in r.getMessage()]
+    assert etas and etas[-1] == "0:00:00"  # the last logged step is the cap, not 147 steps before the end

@@ -28,6 +28,9 @@ class ModelSection:
     name: str = "cae_base_patch16_224"
     # any CAEConfig field (img_size, embed_dim, depth, target, decoder_embed_dim, ...)
     overrides: dict[str, Any] = field(default_factory=dict)
+    # start from these weights (one of our .safetensors with the same architecture), e.g. a contrastive
+    # tuning stage after CAE pretraining; None: the official random init
+    init_from: str | None = None
 
 
 @dataclass
@@ -47,6 +50,11 @@ class DataSection:
     shuffle_buffer: int = 1000  # webdataset only
     limit: int | None = None  # use only the first N training samples (smoke runs)
     epoch_size: int | None = None  # samples per epoch for webdataset shards (their length is unknown)
+    # zoom-out and translation: with probability zoom_out_prob the crop is shrunk to a side fraction in
+    # zoom_out and pasted at a random place on a canvas of the image's border colour (crops only zoom in)
+    zoom_out: tuple[float, float] = (0.4, 1.0)
+    zoom_out_prob: float = 0.0
+    jitter: float = 0.0  # brightness/contrast jitter strength (0: off), applied with probability 0.8
 
 
 @dataclass
@@ -63,6 +71,18 @@ class OptimSection:
     clip_grad: float | None = 3.0
     # the official top model has no no_weight_decay(): cls_token and mask_token ARE decayed
     decay_tokens: bool = True
+
+
+@dataclass
+class InstanceSection:
+    """Instance-level term beside the CAE loss (off in the official presets)."""
+
+    kind: str = "none"  # none | contrastive (InfoNCE: masked view's cls vs a second unmasked view's)
+    weight: float = 1.0
+    temperature: float = 0.2
+    pooling: str = "cls"  # cls | mean
+    hidden_dim: int = 1024
+    proj_dim: int = 128
 
 
 @dataclass
@@ -87,6 +107,7 @@ class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    instance: InstanceSection = field(default_factory=InstanceSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,6 +270,17 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"runtime.precision must be auto|fp32|bf16|fp16, got {r.precision!r}")
     if r.device not in ("auto", "cpu", "cuda"):
         problems.append(f"runtime.device must be auto|cpu|cuda, got {r.device!r}")
+    if cfg.instance.kind not in ("none", "contrastive"):
+        problems.append(f"instance.kind must be 'none' or 'contrastive', got {cfg.instance.kind!r}")
+    if cfg.instance.pooling not in ("cls", "mean"):
+        problems.append(f"instance.pooling must be 'cls' or 'mean', got {cfg.instance.pooling!r}")
+    if cfg.instance.temperature <= 0:
+        problems.append(f"instance.temperature must be > 0, got {cfg.instance.temperature}")
+    if not 0 <= d.zoom_out_prob <= 1 or not 0 < d.zoom_out[0] <= d.zoom_out[1] <= 1:
+        problems.append(f"need 0 <= data.zoom_out_prob <= 1 and 0 < zoom_out[0] <= zoom_out[1] <= 1, got "
+                        f"{d.zoom_out_prob} and {list(d.zoom_out)}")
+    if d.jitter < 0 or d.jitter >= 1:
+        problems.append(f"data.jitter must be in [0, 1), got {d.jitter}")
     if r.keep_last < 1:
         problems.append(f"runtime.keep_last must be >= 1, got {r.keep_last}")
     if problems:

@@ -239,6 +239,10 @@ class TransformConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     second_size: int | None = None  # tokenizer view (112 for DALL-E); None = no second view
+    zoom_out: tuple[float, float] = (0.4, 1.0)  # side fraction of the pasted crop when zooming out
+    zoom_out_prob: float = 0.0
+    jitter: float = 0.0  # brightness/contrast strength, applied with probability 0.8
+    two_views: bool = False  # also an independently augmented ``images2`` (instance-level objective)
 
 
 def random_resized_crop_box(
@@ -275,22 +279,61 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
 
 class PretrainTransform:
     """The official pretraining augmentation: flip, one RandomResizedCrop box shared by the encoder view
-    (bicubic, mean/std) and the tokenizer view (Lanczos, [0, 1], no mean/std)."""
+    (bicubic, mean/std) and the tokenizer view (Lanczos, [0, 1], no mean/std).
+
+    Options beside the official path (each draws no random numbers when off): zoom-out (the crop shrunk
+    and pasted at a random place on a canvas of the image's corner colour, so the model also sees
+    small, off-centre objects), brightness/contrast jitter, and a second independent view."""
 
     def __init__(self, cfg: TransformConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict[str, Tensor]:
+    def _geometry(self, img: Image.Image, rng: np.random.Generator) -> tuple[bool, tuple[int, int, int, int], Any]:
         c = self.cfg
-        if rng.random() < c.hflip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        flip = bool(rng.random() < c.hflip)
         top, left, ch, cw = random_resized_crop_box(img.width, img.height, c.scale, c.ratio, rng)
-        box = (left, top, left + cw, top + ch)
-        view = img.resize((c.img_size, c.img_size), Image.Resampling.BICUBIC, box=box)
+        paste = None
+        if c.zoom_out_prob > 0 and rng.random() < c.zoom_out_prob:
+            frac = float(rng.uniform(*c.zoom_out))
+            paste = (frac, float(rng.random()), float(rng.random()))  # side fraction, x and y position in [0, 1]
+        return flip, (left, top, left + cw, top + ch), paste
+
+    @staticmethod
+    def _render(img: Image.Image, size: int, box: tuple[int, int, int, int], paste: Any, resample: Any) -> Image.Image:
+        if paste is None:
+            return img.resize((size, size), resample, box=box)
+        frac, px, py = paste
+        side = max(1, int(round(size * frac)))
+        inner = img.resize((side, side), resample, box=box)
+        canvas = Image.new(img.mode, (size, size), img.getpixel((0, 0)))
+        canvas.paste(inner, (int(round(px * (size - side))), int(round(py * (size - side)))))
+        return canvas
+
+    def _photometric(self, view: Image.Image, rng: np.random.Generator) -> Image.Image:
+        j = self.cfg.jitter
+        if j > 0 and rng.random() < 0.8:
+            from PIL import ImageEnhance
+
+            view = ImageEnhance.Brightness(view).enhance(float(rng.uniform(1 - j, 1 + j)))
+            view = ImageEnhance.Contrast(view).enhance(float(rng.uniform(1 - j, 1 + j)))
+        return view
+
+    def view(self, img: Image.Image, rng: np.random.Generator, second: bool = False) -> dict[str, Tensor]:
+        c = self.cfg
+        flip, box, paste = self._geometry(img, rng)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        view = self._photometric(self._render(img, c.img_size, box, paste, Image.Resampling.BICUBIC), rng)
         out = {"images": normalize(to_tensor(view), c.mean, c.std)}
-        if c.second_size:
-            second = img.resize((c.second_size, c.second_size), Image.Resampling.LANCZOS, box=box)
-            out["tokenizer_images"] = to_tensor(second)
+        if c.second_size and second:
+            tok = self._render(img, c.second_size, box, paste, Image.Resampling.LANCZOS)
+            out["tokenizer_images"] = to_tensor(tok)
+        return out
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> dict[str, Tensor]:
+        out = self.view(img, rng, second=True)
+        if self.cfg.two_views:
+            out["images2"] = self.view(img, rng)["images"]
         return out
 
 

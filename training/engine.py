@@ -120,9 +120,14 @@ def param_groups(model: CAE, weight_decay: float, decay_tokens: bool = True) -> 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: CAE, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: CAE, cfg: PretrainConfig, device: torch.device, extra: nn.Module | None = None
+) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.decay_tokens)
+    if extra is not None:  # e.g. the instance-level projection head: same decay rule
+        for g, more in zip(groups, param_groups(extra, o.weight_decay, o.decay_tokens), strict=True):
+            g["params"] = g["params"] + more["params"]
     kwargs: dict[str, Any] = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     try:  # fused AdamW: one kernel for all parameters (CUDA, and CPU in recent torch)
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -178,6 +183,10 @@ def build_pretrain_data(cfg: PretrainConfig, model: CAE, rt: Runtime) -> tuple[A
         mean=mean,
         std=std,
         second_size=d.second_size if mc.target == "dalle" else None,
+        zoom_out=tuple(d.zoom_out),
+        zoom_out_prob=d.zoom_out_prob,
+        jitter=d.jitter,
+        two_views=cfg.instance.kind != "none",
     )
     num_mask = int(round(d.mask_ratio * mc.num_patches))
     per_rank = cfg.optim.batch_size // (rt.world * cfg.optim.accum_iter)
@@ -288,6 +297,22 @@ def _check_finite(sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
         raise FloatingPointError(f"non-finite loss at epoch {epoch} before step {step}; stopping")
 
 
+def _instance_loss(
+    out: Any, model: nn.Module, head: nn.Module, images2: torch.Tensor, cfg: PretrainConfig, autocast: Any
+) -> dict[str, torch.Tensor]:
+    """InfoNCE between the masked view's pooled feature (already encoded by the CAE step) and the pooled
+    feature of the second, unmasked view."""
+    from .instance import info_nce, pooled
+
+    ic = cfg.instance
+    with autocast:
+        tokens2 = model.forward_encoder(images2)
+        z1 = head(pooled(out.latent_visible, ic.pooling))
+        z2 = head(pooled(tokens2, ic.pooling))
+    loss, acc = info_nce(z1, z2, ic.temperature)
+    return {"loss_instance": ic.weight * loss, "instance_acc": acc}
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -301,10 +326,15 @@ def train_one_epoch(
     tokenizer: nn.Module | None = None,
     writer: MetricsWriter | None = None,
     on_step: Any = None,
+    instance_head: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One epoch (from ``start_step`` when resuming mid-epoch). Returns the epoch's mean metrics."""
+    """One epoch (from ``start_step`` when resuming mid-epoch). Returns the epoch's mean metrics.
+
+    ``instance_head``: the projection head of the optional instance-level term (``cfg.instance``)."""
     core: CAE = model.module if hasattr(model, "module") else model  # type: ignore[assignment]
     model.train()
+    if instance_head is not None:
+        instance_head.train()
     accum = cfg.optim.accum_iter
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -334,6 +364,9 @@ def train_one_epoch(
             with autocast:
                 out = model(batch["images"], batch["mask"])
             losses = core.forward_loss(out, target)
+            if instance_head is not None:
+                extra = _instance_loss(out, core, instance_head, batch["images2"], cfg, autocast)
+                losses = {**losses, **extra, "loss": losses["loss"] + extra["loss_instance"]}
             loss = losses["loss"]
             scaled = loss / accum
             if scaler is not None:
@@ -353,8 +386,9 @@ def train_one_epoch(
         if scaler is not None:
             scaler.unscale_(optimizer)
         clip = cfg.optim.clip_grad
+        params = list(model.parameters()) + (list(instance_head.parameters()) if instance_head is not None else [])
         grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
+            torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
             if clip or step % cfg.runtime.log_every == 0
             else None
         )
@@ -373,6 +407,8 @@ def train_one_epoch(
             elapsed = time.perf_counter() - t0
             rate = seen / max(elapsed, 1e-9)
             remaining = (steps_per_epoch - step) + (cfg.optim.epochs - epoch - 1) * steps_per_epoch
+            if cfg.runtime.max_steps is not None:  # the run stops there, not at the end of the schedule
+                remaining = min(remaining, max(cfg.runtime.max_steps - (epoch * steps_per_epoch + step), 0))
             rec: dict[str, Any] = {
                 "kind": "train",
                 "epoch": epoch,
@@ -465,6 +501,7 @@ def save_checkpoint(
     step_in_epoch: int,
     steps_per_epoch: int,
     keep_last: int,
+    instance_head: nn.Module | None = None,
 ) -> Path:
     """Write ``checkpoint-E-S.pth`` atomically, point ``latest.json`` at it, prune to ``keep_last``."""
     core: CAE = model.module if hasattr(model, "module") else model  # type: ignore[assignment]
@@ -482,6 +519,8 @@ def save_checkpoint(
         "model_config": core.cfg.to_dict(),
         "format": "cae-service-train",
     }
+    if instance_head is not None:
+        obj["instance_head"] = {k: v.detach().cpu() for k, v in instance_head.state_dict().items()}
     _atomic_torch_save(obj, path)
     _write_json_atomic(out_dir / CKPT_POINTER, {"checkpoint": name, "epoch": epoch, "step_in_epoch": step_in_epoch})
     _prune_checkpoints(out_dir, steps_per_epoch, keep_last)
@@ -526,7 +565,21 @@ def find_resume_checkpoint(out_dir: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------- driver
 def build_model(cfg: PretrainConfig) -> CAE:
-    return create_model(cfg.model.name, **cfg.model.overrides)
+    model = create_model(cfg.model.name, **cfg.model.overrides)
+    if cfg.model.init_from:
+        from .models import load_model
+        from .models.checkpoint import CheckpointError
+
+        try:
+            src = load_model(cfg.model.init_from)
+        except (CheckpointError, OSError) as e:
+            raise ConfigError(f"model.init_from: {e}") from e
+        if src.cfg.to_dict() | {"extra": None} != model.cfg.to_dict() | {"extra": None}:
+            diff = sorted(k for k, v in model.cfg.to_dict().items() if src.cfg.to_dict().get(k) != v and k != "extra")
+            raise ConfigError(f"model.init_from {cfg.model.init_from}: architecture differs from the config in {diff}")
+        model.load_state_dict(src.state_dict())
+        _logger.info("initialized from %s", cfg.model.init_from)
+    return model
 
 
 def _wrap(model: CAE, cfg: PretrainConfig, rt: Runtime) -> nn.Module:
@@ -582,7 +635,14 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
 
         tokenizer = DalleTokenizer.from_safetensors(cfg.data.tokenizer_weights, device=str(rt.device))
     ds, loader, steps_per_epoch = build_pretrain_data(cfg, model, rt)
-    optimizer = build_optimizer(model, cfg, rt.device)
+    instance_head = None
+    if cfg.instance.kind != "none":
+        if rt.distributed:
+            raise ConfigError("instance.kind=contrastive runs in one process only (its head is not wrapped in DDP)")
+        from .instance import ProjectionHead
+
+        instance_head = ProjectionHead(model.embed_dim, cfg.instance.hidden_dim, cfg.instance.proj_dim).to(rt.device)
+    optimizer = build_optimizer(model, cfg, rt.device, extra=instance_head)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     writer = MetricsWriter(out_dir, rt.is_main, cfg.runtime.tensorboard)
 
@@ -595,6 +655,10 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
             ck = load_training_checkpoint(ckpt_path)
             model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
+            if instance_head is not None:
+                if "instance_head" not in ck:
+                    raise ConfigError(f"{ckpt_path}: no instance_head state, but instance.kind={cfg.instance.kind}")
+                instance_head.load_state_dict(ck["instance_head"])
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             _set_rng_state(ck["rng"])
@@ -616,7 +680,8 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
     def on_step(epoch: int, step: int) -> None:
         every = cfg.runtime.save_every_steps
         if every and step % every == 0 and step < steps_per_epoch and rt.is_main:
-            save_checkpoint(out_dir, wrapped, optimizer, scaler, cfg, epoch, step, steps_per_epoch, cfg.runtime.keep_last)
+            save_checkpoint(out_dir, wrapped, optimizer, scaler, cfg, epoch, step, steps_per_epoch, cfg.runtime.keep_last,
+                            instance_head)  # fmt: skip
 
     from .viz import plot_loss_curve, save_reconstruction_grid
 
@@ -635,7 +700,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
         stats = train_one_epoch(
             wrapped, loader, optimizer, epoch, cfg, rt, steps_per_epoch,
             start_step=start_step if epoch == start_epoch else 0,
-            scaler=scaler, tokenizer=tokenizer, writer=writer, on_step=on_step,
+            scaler=scaler, tokenizer=tokenizer, writer=writer, on_step=on_step, instance_head=instance_head,
         )  # fmt: skip
         done_steps = int(stats.pop("steps"))
         if rt.is_main:
@@ -644,7 +709,8 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
         stopped_early = done_steps < steps_per_epoch
         last = epoch == cfg.optim.epochs - 1
         if rt.is_main and (stopped_early or last or (epoch + 1) % cfg.runtime.save_every_epochs == 0):
-            save_checkpoint(out_dir, wrapped, optimizer, scaler, cfg, epoch, done_steps, steps_per_epoch, cfg.runtime.keep_last)
+            save_checkpoint(out_dir, wrapped, optimizer, scaler, cfg, epoch, done_steps, steps_per_epoch,
+                            cfg.runtime.keep_last, instance_head)  # fmt: skip
         if rt.is_main:
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
             if model.cfg.target == "pixel" and (last or (epoch + 1) % max(cfg.runtime.recon_every_epochs, 1) == 0):

@@ -47,7 +47,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import data as D
 from .engine import _fmt_eta
-from .models import CAE, CAEConfig, CheckpointError, create_model, list_models, load_model
+from .models import (
+    CAE,
+    CAEConfig,
+    CheckpointError,
+    create_model,
+    list_models,
+    load_model,
+    parse_readout,
+    readout_dim,
+)
 from .models.checkpoint import read_metadata, sha256_file
 from .models.layers import CrossAttention, relative_position_index
 
@@ -74,7 +83,7 @@ _logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("knn", "linear", "attentive", "finetune")
 DEFAULT_CACHE_DIR = Path("~/.cache/cae-service/features")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _LOG_INTERVAL_S = 20.0
 
 
@@ -97,8 +106,10 @@ class CommonParams:
 @dataclass
 class KnnParams(CommonParams):
     # cls (official: the cls token after the final norm) | mean (mean of the patch tokens after the final
-    # norm) | cls+mean (both, concatenated)
-    feature: str = "cls"
+    # norm) | cls+mean (both, concatenated) | lastN (DINOv2: cls and mean of each of the last N blocks);
+    # None: the checkpoint's default readout (what /embed serves by default), else cls
+    feature: str | None = None
+    baseline: bool = True  # also run the same protocol on raw pixels, printed beside the result
     k: int = 20
     temperature: float = 0.07
     chunk_size: int = 1024
@@ -106,7 +117,9 @@ class KnnParams(CommonParams):
 
 @dataclass
 class LinearParams(CommonParams):
-    feature: str = "cls"  # as KnnParams.feature; cls is the official linear-probe feature
+    feature: str | None = None  # as KnnParams.feature; cls is the official linear-probe feature
+    baseline: bool = True  # also run the same protocol on raw pixels
+    budget_check: bool = True  # also train with twice the epochs: shows whether the probe has converged
     epochs: int = 100
     batch_size: int = 1024
     # lr = base_lr x batch / 256 as officially, but base 1.0, not 0.1: LARS (trust 0.001) moves the weights
@@ -229,8 +242,12 @@ def _validate_params(p: CommonParams) -> None:
     for name in ("lr", "base_lr", "temperature"):
         if hasattr(p, name) and getattr(p, name) <= 0:
             problems.append(f"{name} must be > 0")
-    if getattr(p, "feature", "cls") not in FEATURES:
-        problems.append(f"feature must be one of {list(FEATURES)}, got {p.feature!r}")  # type: ignore[attr-defined]
+    feature = getattr(p, "feature", None)
+    if feature is not None:
+        try:
+            parse_readout(feature, 10**6)  # the depth bound is checked once the checkpoint is known
+        except ValueError:
+            problems.append(f"feature must be cls, mean, cls+mean or lastN (e.g. last4), got {feature!r}")
     if isinstance(p, FinetuneParams) and not 0 < p.layer_decay <= 1:
         problems.append("layer_decay must be in (0, 1]")
     if problems:
@@ -248,6 +265,7 @@ class Backbone:
     preprocess: dict[str, Any]  # img_size, mean, std, interpolation, source
     build: Callable[[], CAE]
     _model: CAE | None = field(default=None, repr=False)
+    readout: str | None = None  # the checkpoint's default readout (metadata ``readout``), served by /embed
 
     def model(self) -> CAE:
         if self._model is None:
@@ -354,6 +372,19 @@ def resolve_backbone(checkpoint: str, seed: int = 0) -> Backbone:
         preprocess=_preprocess_from_metadata(meta, cfg.img_size),
         build=build,
         _model=model,
+        readout=meta.get("readout"),
+    )
+
+
+def pixel_backbone(like: Backbone) -> Backbone:
+    """The raw-pixel baseline at the same input size and preprocessing as ``like``."""
+    pre = dict(like.preprocess)
+    return Backbone(
+        spec="pixels",
+        identity="pixels",
+        cfg=like.cfg,
+        preprocess=pre,
+        build=lambda: PixelFeatures(pre["mean"], pre["std"]),  # type: ignore[arg-type,return-value]
     )
 
 
@@ -545,12 +576,33 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------- features
+def _feature_file(readout: str) -> str:
+    return "feat-" + readout.replace("+", "_") + ".npy"
+
+
+class PixelFeatures(nn.Module):
+    """The raw-pixel baseline as a 'model': the evaluation view flattened, back in [0, 1] (the
+    normalization undone), one channel when all channels are equal (gray images stored as RGB)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float() * self.std + self.mean
+        if x.shape[1] > 1 and bool((x == x[:, :1]).all()):
+            x = x[:, :1]
+        return x.flatten(1)
+
+
 @torch.no_grad()
 def extract_features(
-    model: CAE,
+    model: CAE | PixelFeatures,
     dataset: Dataset,
     *,
     tokens: bool = False,
+    readouts: Sequence[str] = (),
     batch_size: int = 128,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
@@ -558,41 +610,49 @@ def extract_features(
     tokens_path: Path | None = None,
     what: str = "extract",
 ) -> dict[str, np.ndarray]:
-    """Frozen features of a ``(tensor, label)`` dataset, in order.
+    """Frozen features of a ``(tensor, label)`` dataset, in order, from one encoder pass per batch.
 
     Returns ``cls`` [N, D] float32 (cls token after the final norm, the linear-probe feature), ``labels``
-    [N] int64 and, with ``tokens=True``, ``tokens`` [N, 1+Np, D] float16 (every output token after the
-    final norm, written into a memory map at ``tokens_path`` when given).
+    [N] int64, each readout of ``readouts`` (:meth:`CAE.forward_readouts`) [N, F] float32 and, with
+    ``tokens=True``, ``tokens`` [N, 1+Np, D] float16 (every output token after the final norm, written
+    into a memory map at ``tokens_path`` when given). For :class:`PixelFeatures`, ``cls`` holds the pixels.
     """
     device = torch.device(device)
     model = model.to(device).eval()
     n = len(dataset)  # type: ignore[arg-type]
-    cfg = model.cfg
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    cls = np.empty((n, cfg.embed_dim), dtype=np.float32)
+    arrays: dict[str, np.ndarray] = {}
     labels = np.empty((n,), dtype=np.int64)
     grid: np.ndarray | None = None
-    if tokens:
-        shape = (n, 1 + cfg.num_patches, cfg.embed_dim)
-        grid = (
-            np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.float16, shape=shape)
-            if tokens_path is not None
-            else np.empty(shape, dtype=np.float16)
-        )
+    extra = [r for r in dict.fromkeys(readouts) if r != "cls"]
     progress = _Progress(what, n)
     i = 0
     for images, y in loader:
-        with _autocast(device, amp_dtype):
-            feats = model.forward_features(images.to(device, non_blocking=True))
-        feats = feats.float()
-        b = feats.shape[0]
-        cls[i : i + b] = feats[:, 0].cpu().numpy()
-        if grid is not None:
+        images = images.to(device, non_blocking=True)
+        if isinstance(model, PixelFeatures):
+            feats, outs = None, {"cls": model(images)}
+        else:
+            with _autocast(device, amp_dtype):
+                feats, outs = model.forward_readouts(images, ["cls", *extra])
+            feats = feats.float()
+        b = images.shape[0]
+        for name, v in outs.items():
+            if name not in arrays:
+                arrays[name] = np.empty((n, v.shape[-1]), dtype=np.float32)
+            arrays[name][i : i + b] = v.float().cpu().numpy()
+        if tokens and feats is not None:
+            if grid is None:
+                shape = (n, feats.shape[1], feats.shape[2])
+                grid = (
+                    np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.float16, shape=shape)
+                    if tokens_path is not None
+                    else np.empty(shape, dtype=np.float16)
+                )
             grid[i : i + b] = feats.to(torch.float16).cpu().numpy()
         labels[i : i + b] = np.asarray(y, dtype=np.int64)
         i += b
         progress.update(i)
-    out = {"cls": cls, "labels": labels}
+    out = {**arrays, "labels": labels}
     if grid is not None:
         if isinstance(grid, np.memmap):
             grid.flush()
@@ -620,6 +680,7 @@ def _get_features(
     spec: _DataSpec,
     split: str,
     need_tokens: bool,
+    readouts: Sequence[str],
     params: CommonParams,
     transform: D.EvalTransform,
     preprocess: dict[str, Any],
@@ -636,13 +697,14 @@ def _get_features(
         "content": _source_fingerprint(spec, source),
         "split": split,
         "preprocess": {k: preprocess[k] for k in ("img_size", "mean", "std", "interpolation", "crop_pct")},
-        "precision": "bf16" if amp is not None else "fp32",
+        "precision": "bf16" if amp is not None and backbone.identity != "pixels" else "fp32",
         "limit": limit,
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     entry = cache_dir / key
-    kinds = ["cls", "labels"] + (["tokens"] if need_tokens else [])
-    files = {k: entry / f"{k}.npy" for k in kinds}
+    readouts = [r for r in dict.fromkeys(readouts) if r != "cls"]
+    kinds = ["cls", "labels"] + (["tokens"] if need_tokens else []) + readouts
+    files = {k: entry / (_feature_file(k) if k in readouts else f"{k}.npy") for k in kinds}
     meta_path = entry / "meta.json"  # written last: its presence marks a complete entry
     if meta_path.exists() and all(p.exists() for p in files.values()):
         _logger.info("%s features (%s): cached in %s", split, "+".join(kinds[:1] + kinds[2:]), entry)
@@ -657,13 +719,14 @@ def _get_features(
         ds = Subset(ds, idx.tolist())
     entry.mkdir(parents=True, exist_ok=True)
     tmp_tokens = entry / f"tokens.npy.tmp-{os.getpid()}" if need_tokens else None
-    kind_name = "cls+tokens" if need_tokens else "cls"
+    kind_name = "+".join(["cls"] + (["tokens"] if need_tokens else []) + readouts)
     _logger.info("extracting %s %s features of %d images with %s", split, kind_name, len(ds), backbone.spec)
     try:
         feats = extract_features(
             backbone.model(),
             ds,
             tokens=need_tokens,
+            readouts=readouts,
             batch_size=params.extract_batch_size,
             num_workers=params.num_workers,
             device=device,
@@ -681,6 +744,8 @@ def _get_features(
         feats["tokens"] = np.load(files["tokens"], mmap_mode="r")
     _save_npy_atomic(entry / "labels.npy", feats["labels"])
     _save_npy_atomic(entry / "cls.npy", feats["cls"])
+    for r in readouts:
+        _save_npy_atomic(files[r], feats[r])
     nc = _num_classes(source, labels=[feats["labels"]])
     meta = {
         **key_fields,
@@ -734,19 +799,9 @@ def knn_classify(
     return out
 
 
-FEATURES = ("cls", "mean", "cls+mean")
-
-
-def _vectors(split: _Split, feature: str, chunk: int = 4096) -> np.ndarray:
-    """Per-image vectors for kNN / linear: the cached cls token, the mean of the cached patch tokens
-    (computed in chunks from the float16 memory map), or both concatenated."""
-    if feature == "cls":
-        return np.asarray(split.features["cls"])
-    tokens = split.features["tokens"]
-    mean = np.concatenate(
-        [np.asarray(tokens[i : i + chunk, 1:], dtype=np.float32).mean(axis=1) for i in range(0, len(tokens), chunk)]
-    )
-    return mean if feature == "mean" else np.concatenate([np.asarray(split.features["cls"]), mean], axis=1)
+def _vectors(split: _Split, feature: str) -> np.ndarray:
+    """Per-image vectors for kNN / linear: the cached readout (the cls token for the pixel baseline)."""
+    return np.asarray(split.features[feature])
 
 
 def _run_knn(p: KnnParams, tr: _Split, te: _Split, nc: int, device: torch.device) -> dict[str, Any]:
@@ -1255,20 +1310,38 @@ def _dispatch(
     if protocol == "finetune":
         res = _run_finetune(params, backbone, spec, transform, preprocess, dev, amp, seed)  # type: ignore[arg-type]
         return res, None, res.pop("n_train"), res.pop("n_test"), res.pop("num_classes")
-    need_tokens = protocol == "attentive" or getattr(params, "feature", "cls") != "cls"
-    tr = _get_features(backbone, spec, "train", need_tokens, params, transform, preprocess, amp, dev, cache)
-    te = _get_features(backbone, spec, "test", need_tokens, params, transform, preprocess, amp, dev, cache)
+    feature = getattr(params, "feature", None)
+    readouts = [feature] if feature else []
+    need_tokens = protocol == "attentive"
+    args = (params, transform, preprocess, amp, dev, cache)
+    tr = _get_features(backbone, spec, "train", need_tokens, readouts, *args)
+    te = _get_features(backbone, spec, "test", need_tokens, readouts, *args)
     if tr.classes and te.classes and tr.classes != te.classes:
         raise EvalError(f"train and test splits have different classes: {tr.classes[:5]} vs {te.classes[:5]}")
     nc = max(tr.num_classes, te.num_classes)
     t_head = time.perf_counter()
-    if protocol == "knn":
-        res = _run_knn(params, tr, te, nc, dev)  # type: ignore[arg-type]
-    elif protocol == "linear":
-        with _cpu_threads(dev, 1):  # a [B, D] x [D, C] head: nothing to parallelize
-            res = _run_linear(params, tr, te, nc, dev, seed)  # type: ignore[arg-type]
-    else:
-        res = _run_attentive(params, tr, te, nc, backbone.cfg.num_heads, dev, amp, seed)  # type: ignore[arg-type]
+
+    def head(p: CommonParams, a: _Split, b: _Split) -> dict[str, Any]:
+        if protocol == "knn":
+            return _run_knn(p, a, b, nc, dev)  # type: ignore[arg-type]
+        if protocol == "linear":
+            with _cpu_threads(dev, 1):  # a [B, D] x [D, C] head: nothing to parallelize
+                return _run_linear(p, a, b, nc, dev, seed)  # type: ignore[arg-type]
+        return _run_attentive(p, a, b, nc, backbone.cfg.num_heads, dev, amp, seed)  # type: ignore[arg-type]
+
+    res = head(params, tr, te)
+    if getattr(params, "budget_check", False):
+        doubled = dataclasses.replace(params, epochs=2 * params.epochs)  # type: ignore[call-arg]
+        res2 = head(doubled, tr, te)
+        res["budget_2x"] = {"epochs": doubled.epochs, "top1": res2["top1"], "top5": res2["top5"],
+                            "delta_top1": round(res2["top1"] - res["top1"], 4)}  # fmt: skip
+    if getattr(params, "baseline", False):
+        pix = pixel_backbone(backbone)
+        ptr = _get_features(pix, spec, "train", False, [], *args)
+        pte = _get_features(pix, spec, "test", False, [], *args)
+        pparams = dataclasses.replace(params, feature="cls")  # type: ignore[call-arg]
+        base = head(pparams, ptr, pte)
+        res["baseline_pixels"] = {"top1": base["top1"], "top5": base["top5"], "feature_dim": int(ptr.features["cls"].shape[1])}
     _logger.info("%s head: %.1f s", protocol, time.perf_counter() - t_head)
     return res, tr.cached and te.cached, len(tr.features["labels"]), len(te.features["labels"]), nc
 
@@ -1298,6 +1371,13 @@ def run_eval(
     dev = _resolve_device(device)
     amp = _resolve_precision(params.precision, dev)
     backbone = resolve_backbone(checkpoint, seed)
+    if hasattr(params, "feature"):
+        if params.feature is None:  # what /embed serves by default for this checkpoint
+            params.feature = backbone.readout or "cls"
+        try:
+            parse_readout(params.feature, backbone.cfg.depth)
+        except ValueError as e:
+            raise EvalError(f"feature must be a readout of this {backbone.cfg.depth}-block encoder: {e}") from e
     crop_pct = params.crop_pct if params.crop_pct is not None else spec.default_crop_pct
     preprocess = {**backbone.preprocess, "crop_pct": crop_pct}
     if preprocess["interpolation"] != "bicubic":
@@ -1334,7 +1414,10 @@ def run_eval(
         "n_train": int(n_train),
         "n_test": int(n_test),
         "num_classes": int(nc),
-        "feature_dim": int(backbone.cfg.embed_dim),
+        "feature": getattr(params, "feature", None),
+        "feature_dim": int(readout_dim(params.feature, backbone.cfg.embed_dim, backbone.cfg.depth))
+        if getattr(params, "feature", None) else int(backbone.cfg.embed_dim),
+        **{k: res[k] for k in ("baseline_pixels", "budget_2x") if k in res},
         "seed": seed,
         "device": str(dev),
         "precision": "bf16" if amp is not None else "fp32",
@@ -1352,4 +1435,9 @@ def run_eval(
         n_test,
         result["seconds"],
     )
+    if "baseline_pixels" in result:
+        _logger.info("%s on raw pixels (same code and split): top1 %.2f", protocol, result["baseline_pixels"]["top1"])
+    if "budget_2x" in result:
+        b2 = result["budget_2x"]
+        _logger.info("%s with twice the epochs (%d): top1 %.2f (%+.2f)", protocol, b2["epochs"], b2["top1"], b2["delta_top1"])
     return result

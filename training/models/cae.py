@@ -16,6 +16,7 @@ which computes the same thing (drop-path included in train mode) without the dup
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -181,6 +182,28 @@ def mask_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
     return order[:, : n - nm], order[:, n - nm :]
 
 
+READOUTS = ("cls", "mean", "cls+mean", "lastN")
+
+
+def parse_readout(readout: str, depth: int) -> tuple[str, int]:
+    """``cls`` | ``mean`` | ``cls+mean`` | ``last<N>`` (1 <= N <= depth) -> (kind, N)."""
+    if readout in ("cls", "mean", "cls+mean"):
+        return readout, 1
+    if readout.startswith("last") and readout[4:].isdigit() and 1 <= int(readout[4:]) <= depth:
+        return "last", int(readout[4:])
+    raise ValueError(f"readout must be cls, mean, cls+mean or lastN with 1 <= N <= {depth} (e.g. last4), got {readout!r}")
+
+
+def readout_dim(readout: str, embed_dim: int, depth: int) -> int:
+    kind, n = parse_readout(readout, depth)
+    return {"cls": 1, "mean": 1, "cls+mean": 2, "last": 2 * n}[kind] * embed_dim
+
+
+def block_readout(x: Tensor) -> Tensor:
+    """[B, 1+n, D] normed tokens -> [B, 2D]: cls, then the mean of the patch tokens."""
+    return torch.cat([x[:, 0], x[:, 1:].mean(dim=1)], dim=-1)
+
+
 def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
@@ -231,7 +254,17 @@ class Encoder(nn.Module):
 
     def encode_tokens(self, tokens: Tensor, idx: Tensor | None, final_norm: bool = True) -> Tensor:
         """Run cls + the patch tokens selected by ``idx`` [B, n] (None = all) through the blocks."""
+        return self.forward_intermediates(tokens, idx, final_norm=final_norm)[0]
+
+    def forward_intermediates(
+        self, tokens: Tensor, idx: Tensor | None = None, indices: Sequence[int] = (), final_norm: bool = True
+    ) -> tuple[Tensor, list[Tensor]]:
+        """As timm's ``forward_intermediates``: the output of the last block (after the final norm unless
+        ``final_norm=False``) and the pre-norm outputs of the blocks listed in ``indices`` (0-based,
+        negative from the end), in block order."""
         b = tokens.shape[0]
+        want = {i % len(self.blocks) for i in indices}
+        inter: list[Tensor] = []
         pos = self.pos_embed.to(tokens.dtype)
         if idx is None:
             x, pos_patches = tokens, pos[:, 1:]
@@ -239,12 +272,14 @@ class Encoder(nn.Module):
             x = _gather_tokens(tokens, idx)
             pos_patches = _gather_tokens(pos[:, 1:].expand(b, -1, -1), idx)
         x = torch.cat([self.cls_token.expand(b, -1, -1) + pos[:, :1], x + pos_patches], dim=1)
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        return self.norm(x) if final_norm else x
+            if i in want:
+                inter.append(x)
+        return (self.norm(x) if final_norm else x), inter
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         tokens = self.embed(x)
@@ -401,6 +436,42 @@ class CAE(nn.Module):
             x = self.encoder.encode_tokens(self.encoder.embed(images), None, final_norm=False)
             return self.encoder.norm(x[:, 1:].mean(dim=1))
         raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+    def forward_readout(self, images: Tensor, readout: str = "cls") -> Tensor:
+        """[B, F] the image embedding named by ``readout`` (:func:`parse_readout`), from the unmasked
+        encoder. Every token is taken after the final norm, as served by ``/embed``:
+
+        ``cls`` [D]; ``mean`` [D] mean of the patch tokens; ``cls+mean`` [2D];
+        ``lastN`` [2ND] (DINOv2-style) for each of the last N blocks, oldest first, its cls token and the
+        mean of its patch tokens, each through the final norm.
+        """
+        return self.forward_readouts(images, (readout,))[1][readout]
+
+    def forward_readouts(self, images: Tensor, readouts: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One encoder pass for several readouts: (tokens [B, 1+N, D] after the final norm, {name: [B, F]})."""
+        parsed = {r: parse_readout(r, self.cfg.depth) for r in readouts}
+        deepest = max((n for kind, n in parsed.values() if kind == "last"), default=0)
+        x, inter = self.encoder.forward_intermediates(self.encoder.embed(images), None, range(-deepest, 0))
+        cls, mean = x[:, 0], x[:, 1:].mean(dim=1)
+        out: dict[str, Tensor] = {}
+        for r, (kind, n) in parsed.items():
+            if kind == "last":
+                out[r] = torch.cat([block_readout(self.encoder.norm(t)) for t in inter[deepest - n :]], dim=-1)
+            else:
+                out[r] = cls if kind == "cls" else mean if kind == "mean" else torch.cat([cls, mean], dim=-1)
+        return x, out
+
+    def forward_embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """What the exported embed graph returns, from one pass: the tokens [B, 1+N, D] after the final
+        norm and each block's cls token and patch-token mean through the final norm [B, depth, 2, D]
+        (so that every readout, ``lastN`` included, is a slice of the outputs)."""
+        x, inter = self.encoder.forward_intermediates(self.encoder.embed(images), None, range(self.cfg.depth))
+        blocks = torch.stack([block_readout(self.encoder.norm(t)).unflatten(-1, (2, -1)) for t in inter], dim=1)
+        return x, blocks
+
+    def forward_block_readouts(self, images: Tensor) -> Tensor:
+        """[B, depth, 2, D]: the second output of :meth:`forward_embed`."""
+        return self.forward_embed(images)[1]
 
     def forward_regressor(self, latent_visible: Tensor, mask: Tensor) -> Tensor:
         """Predict the masked patches' latents [B, Nm, Dd] from the visible ones (cls is discarded)."""

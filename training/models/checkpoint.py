@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,8 +78,16 @@ def save_model(model: CAE, path: str | Path, metadata: Mapping[str, str] | None 
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
+    os.chmod(tmp, file_mode())  # safetensors writes 0600; a model file is as readable as its neighbours
     tmp.replace(path)
     return path
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under the usual 022)."""
+    current = os.umask(0)
+    os.umask(current)
+    return 0o666 & ~current
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
