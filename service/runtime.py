@@ -154,6 +154,16 @@ class Runtime:
             sel.reason,
             f"; measured cosine {sel.measured_cosine:.6f}" if sel.measured_cosine is not None else "",
         )
+        for task, choice in sel.tasks.items():
+            d = choice.describe()
+            _logger.info(
+                "  %s: %s %s%s%s",
+                task,
+                d["backend"],
+                d["precision"],
+                f", cosine {choice.cosine:.6f} ({choice.cosine_source})" if choice.cosine is not None else "",
+                f", timed {d['images_per_s']} images/s" if d["images_per_s"] else "",
+            )
         for line in sel.skipped:
             _logger.info("  skipped %s", line)
         self.bundle = bundle

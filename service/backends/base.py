@@ -12,7 +12,9 @@ package never pulls in onnxruntime, OpenVINO, TensorRT or torch.
 from __future__ import annotations
 
 import importlib.util
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +34,29 @@ class BackendOptions:
     threads: int = 0  # intra-op threads; 0 = the runtime's default
     cache_dir: Path | None = None  # for runtimes that build engines (TensorRT EP)
     max_batch_size: int = 32  # the batcher's largest batch (engine profiles are built for it)
+
+
+_SOURCE_REF = re.compile(r"\S*\.(?:cpp|cc|cxx|hpp|h|py):\d+:?")
+_NOISE = re.compile(r"^(?:Exception from|Check '.*' failed at|FrontEnd API failed|Model wasn't fully converted|"
+                    r"Failed operations detailed log|Summary:?$)")
+
+
+def clean_reason(err: BaseException | str, limit: int = 200) -> str:
+    """A runtime's exception as one short line that names the problem: no C++/Python source locations, no
+    multi-line dumps (the full text goes to the debug log). OpenVINO's conversion reports become
+    "cannot convert operation Loop-18"."""
+    text = str(err)
+    failed = re.search(r"Conversion is failed for:\s*(.+)", text)
+    if failed:
+        return f"cannot convert operation {failed.group(1).strip().rstrip('.')}"
+    lines = []
+    for line in text.splitlines():
+        line = _SOURCE_REF.sub("", line).strip(" :-")
+        if line and not _NOISE.match(line):
+            lines.append(line)
+    out = " ".join(lines) or (type(err).__name__ if isinstance(err, BaseException) else "unknown error")
+    out = re.sub(r"\s+", " ", out).strip()
+    return out if len(out) <= limit else out[: limit - 3].rstrip() + "..."
 
 
 def missing_modules(*names: str) -> str | None:
@@ -59,19 +84,28 @@ class Backend(ABC):
         """None if the runtime is importable, else why not (cheap: imports nothing)."""
         return None
 
-    def precisions(self, bundle: Bundle) -> list[str]:
-        """Precisions this backend could run for ``bundle``, fastest first."""
-        return [p for p in self.speed_order if any(bundle.graph(t, p) is not None for t in bundle.tasks)]
+    def precisions(self, bundle: Bundle, task: str | None = None) -> list[str]:
+        """Precisions this backend could run for ``bundle`` (for ``task``, or any task), fastest first."""
+        tasks = [task] if task else bundle.tasks
+        return [p for p in self.speed_order if any(bundle.graph(t, p) is not None for t in tasks)]
 
-    def recorded_cosine(self, bundle: Bundle, precision: str) -> float | None:
-        """The exporter's measured cosine to fp32 for this precision (1.0 for fp32, None if unmeasured)."""
+    def recorded_cosine(self, bundle: Bundle, precision: str, task: str = "embed") -> float | None:
+        """The exporter's measured cosine to fp32 of ``task``'s output at this precision (1.0 for fp32,
+        None if unmeasured)."""
         if precision == "fp32":
             return 1.0
-        return bundle.recorded_cosine("embed", precision)
+        return bundle.recorded_cosine(task, precision)
+
+    @staticmethod
+    def tasks_to_load(bundle: Bundle, tasks: Sequence[str] | None) -> list[str]:
+        """``tasks`` (default: every task of the bundle), in the bundle's order."""
+        return [t for t in bundle.tasks if tasks is None or t in tasks]
 
     @abstractmethod
-    def load(self, bundle: Bundle, precision: str = "fp32") -> None:
-        """Prepare every task of ``bundle``; raise BackendUnavailable with a reason if it cannot."""
+    def load(self, bundle: Bundle, precision: str = "fp32", tasks: Sequence[str] | None = None) -> None:
+        """Prepare ``tasks`` of ``bundle`` (default: all). A graph this runtime cannot compile leaves its
+        task out of ``capabilities`` with a one-line reason in ``unavailable``; raise BackendUnavailable
+        when the runtime cannot run here at all or no requested task could be loaded."""
 
     @abstractmethod
     def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
-from .base import Backend, BackendUnavailable, missing_modules
+from .base import Backend, BackendUnavailable, clean_reason, missing_modules
 
 _logger = logging.getLogger("service")
 
@@ -31,10 +32,10 @@ class OnnxRuntimeBackend(Backend):
 
         return self.options.device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
 
-    def precisions(self, bundle: Bundle) -> list[str]:
+    def precisions(self, bundle: Bundle, task: str | None = None) -> list[str]:
         # fp16 graphs are slow on CPU (ORT upcasts op by op); int8 is slow on GPU: each only where it pays
         order = ("fp16", "fp32") if self.uses_cuda() else ("int8", "fp32")
-        return [p for p in order if bundle.graph("embed", p) is not None]
+        return [p for p in order if bundle.graph(task or "embed", p) is not None]
 
     def _providers(self, bundle: Bundle, task: str, precision: str) -> list[Any]:
         import onnxruntime as ort
@@ -74,7 +75,7 @@ class OnnxRuntimeBackend(Backend):
         providers += ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return providers
 
-    def load(self, bundle: Bundle, precision: str = "fp32") -> None:
+    def load(self, bundle: Bundle, precision: str = "fp32", tasks: Sequence[str] | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -85,7 +86,8 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # errors only: detect.onnx's mask-pasting loop logs a shape warning on every request otherwise
         opts.log_severity_level = 3
-        for task in bundle.tasks:
+        wanted = self.tasks_to_load(bundle, tasks)
+        for task in wanted:
             path = bundle.graph(task, precision)
             task_precision = precision
             if path is None:
@@ -96,10 +98,10 @@ class OnnxRuntimeBackend(Backend):
             providers = self._providers(bundle, task, task_precision)
             try:
                 sess = ort.InferenceSession(str(path), opts, providers=providers)
-            except Exception as e:  # ORT raises many types; the reason is kept
-                raise BackendUnavailable(
-                    f"onnxruntime cannot load {path.name}: {type(e).__name__}: {e}"
-                ) from None
+            except Exception as e:  # ORT raises many types: one clean line here, the full text in the log
+                _logger.debug("onnxruntime cannot load %s", path.name, exc_info=True)
+                self.unavailable[task] = f"onnxruntime cannot load {path.name}: {clean_reason(e)}"
+                continue
             got = sess.get_providers()
             if self.options.device == "cuda" and "CUDAExecutionProvider" not in got:
                 raise BackendUnavailable(f"onnxruntime fell back to {got} for {path.name} (no usable GPU)")
@@ -108,6 +110,8 @@ class OnnxRuntimeBackend(Backend):
             self._outputs[task] = [o.name for o in sess.get_outputs()]
             self.task_precision[task] = task_precision
             _logger.debug("onnxruntime %s: %s on %s", task, path.name, got)
+        if not self._sessions:
+            raise BackendUnavailable("; ".join(self.unavailable.values()) or "no task to load")
         self.precision = precision
         self.capabilities = frozenset(self._sessions)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle
-from .base import Backend, BackendUnavailable, missing_modules
+from .base import Backend, BackendUnavailable, clean_reason, missing_modules
 
 _logger = logging.getLogger("service")
 
@@ -45,15 +46,15 @@ class OpenVinoBackend(Backend):
     def probe(cls) -> str | None:
         return missing_modules("openvino")
 
-    def precisions(self, bundle: Bundle) -> list[str]:
+    def precisions(self, bundle: Bundle, task: str | None = None) -> list[str]:
         if self.options.device == "cuda":
             return []
         return ["bf16", "fp32"] if cpu_has_bf16() else ["fp32"]
 
-    def recorded_cosine(self, bundle: Bundle, precision: str) -> float | None:
+    def recorded_cosine(self, bundle: Bundle, precision: str, task: str = "embed") -> float | None:
         return 1.0 if precision == "fp32" else None  # bf16 is measured by the selector
 
-    def load(self, bundle: Bundle, precision: str = "fp32") -> None:
+    def load(self, bundle: Bundle, precision: str = "fp32", tasks: Sequence[str] | None = None) -> None:
         import openvino as ov
 
         if self.options.device == "cuda":
@@ -69,21 +70,25 @@ class OpenVinoBackend(Backend):
         }
         if self.options.threads:
             config["INFERENCE_NUM_THREADS"] = self.options.threads
-        for task in bundle.tasks:
+        for task in self.tasks_to_load(bundle, tasks):
             graph_precision = "int8" if precision == "int8" else "fp32"
             path = bundle.graph(task, graph_precision) or bundle.graph(task, "fp32")
             if path is None:
                 raise BackendUnavailable(f"the bundle has no graph for {task}")
             try:
                 compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-            except Exception as e:  # OpenVINO raises RuntimeError subclasses with long messages
-                raise BackendUnavailable(f"openvino cannot compile {path.name}: {str(e)[:300]}") from None
+            except Exception as e:  # multi-line reports with C++ source paths: one clean line, full text logged
+                _logger.debug("openvino cannot compile %s", path.name, exc_info=True)
+                self.unavailable[task] = f"openvino cannot compile {path.name}: {clean_reason(e)}"
+                continue
             pool: queue.Queue[Any] = queue.Queue()
             for _ in range(_POOL):
                 pool.put(compiled.create_infer_request())
             self._compiled[task], self._requests[task] = compiled, pool
             self._outputs[task] = [o.get_any_name() for o in compiled.outputs]
             self.task_precision[task] = precision
+        if not self._compiled:
+            raise BackendUnavailable("; ".join(self.unavailable.values()) or "no task to load")
         self.precision = precision
         self.capabilities = frozenset(self._compiled)
 

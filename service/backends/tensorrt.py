@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -171,19 +172,20 @@ class TensorRTBackend(Backend):
             if e.get("gpu") == gpu and e.get("tensorrt_version") == trt.__version__
         ]
 
-    def precisions(self, bundle: Bundle) -> list[str]:
+    def precisions(self, bundle: Bundle, task: str | None = None) -> list[str]:
         if self.options.device == "cpu":
             return []
-        have = {e["precision"] for e in self._entries(bundle, "embed")}
+        have = {e["precision"] for e in self._entries(bundle, task or "embed")}
         return [p for p in self.speed_order if p in have]
 
-    def recorded_cosine(self, bundle: Bundle, precision: str) -> float | None:
-        for e in self._entries(bundle, "embed"):
+    def recorded_cosine(self, bundle: Bundle, precision: str, task: str = "embed") -> float | None:
+        for e in self._entries(bundle, task):
             if e["precision"] == precision:
-                return float(e["parity"]["min_cosine_vs_onnxruntime"])
+                value = e.get("parity", {}).get("min_cosine_vs_onnxruntime")
+                return float(value) if value is not None else None
         return None
 
-    def load(self, bundle: Bundle, precision: str = "fp32") -> None:
+    def load(self, bundle: Bundle, precision: str = "fp32", tasks: Sequence[str] | None = None) -> None:
         if self.options.device == "cpu":
             raise BackendUnavailable("TensorRT needs a GPU (device=cpu)")
         import tensorrt as trt
@@ -191,7 +193,7 @@ class TensorRTBackend(Backend):
 
         if self._gpu() is None:
             raise BackendUnavailable("no CUDA GPU visible")
-        for task in bundle.tasks:
+        for task in self.tasks_to_load(bundle, tasks):
             entries = [e for e in self._entries(bundle, task) if e["precision"] == precision]
             if not entries and task in DENSE_TASKS:
                 # optional heads: serve the rest, and say why these are missing (routes answer 501)

@@ -9,6 +9,7 @@ alone, so this backend reports them unavailable (their routes answer 501 naming 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,10 @@ class TorchBackend(Backend):
     def probe(cls) -> str | None:
         return missing_modules("torch", "safetensors")
 
-    def precisions(self, bundle: Bundle) -> list[str]:
+    def precisions(self, bundle: Bundle, task: str | None = None) -> list[str]:
         return ["fp32"] if (bundle.path / CHECKPOINT_NAME).is_file() else []
 
-    def load(self, bundle: Bundle, precision: str = "fp32") -> None:
+    def load(self, bundle: Bundle, precision: str = "fp32", tasks: Sequence[str] | None = None) -> None:
         ckpt = bundle.path / CHECKPOINT_NAME
         if not ckpt.is_file():
             raise BackendUnavailable(f"the torch backend needs {CHECKPOINT_NAME} in the bundle directory")
@@ -65,12 +66,13 @@ class TorchBackend(Backend):
             raise BackendUnavailable("torch sees no CUDA GPU")
         self.device = "cuda" if use_cuda else "cpu"
         self._model, self._torch = model.to(self.device), torch
-        tasks = ["embed"] + (["reconstruct"] if not model.cfg.encoder_only else [])
-        self.capabilities = frozenset(t for t in tasks if t in bundle.tasks)
+        runs = ["embed"] + (["reconstruct"] if not model.cfg.encoder_only else [])
+        wanted = self.tasks_to_load(bundle, tasks)
+        self.capabilities = frozenset(t for t in runs if t in wanted)
         self.unavailable = {
             t: f"the torch backend runs {CHECKPOINT_NAME}, which has no {t} head; "
             "serve with backend=onnxruntime or openvino (or auto)"
-            for t in bundle.tasks
+            for t in wanted
             if t not in self.capabilities
         }
         self._output_names = {t: bundle.spec["tasks"][t]["outputs"][0]["name"] for t in self.capabilities}
