@@ -50,11 +50,23 @@ async def require_api_key(request: Request, runtime: RuntimeDep) -> None:
         raise Unauthorized()
 
 
+# Bounds of the X-Request-Timeout header: below a second a request can miss its deadline on a busy CPU
+# for reasons of its own making (a 5e-324 s deadline always does), so such values are refused (422).
+MIN_REQUEST_TIMEOUT_S = 1.0
+MAX_REQUEST_TIMEOUT_S = 3600.0
+
+
 async def request_deadline(
     runtime: RuntimeDep,
     x_request_timeout: Annotated[
         float | None,
-        Header(gt=0, description="Seconds this request may take (capped at the server's request_timeout_s)."),
+        Header(
+            ge=MIN_REQUEST_TIMEOUT_S,
+            le=MAX_REQUEST_TIMEOUT_S,
+            allow_inf_nan=False,
+            description=f"Seconds this request may take, {MIN_REQUEST_TIMEOUT_S:g} to "
+            f"{MAX_REQUEST_TIMEOUT_S:g} (capped at the server's request_timeout_s); outside that: 422.",
+        ),
     ] = None,
 ) -> float:
     """The request's deadline in event-loop time: the server's timeout, or less if the client asks."""

@@ -158,7 +158,7 @@ class Preprocessor:
         if min(w, h) < self.limits.min_side:
             img.close()
             raise Unprocessable(
-                f"{label}: {w}x{h} is smaller than the minimum side",
+                f"{label}: {w}x{h} is smaller than the minimum side of {self.limits.min_side} px",
                 code="image_too_small",
                 limit=self.limits.min_side,
             )

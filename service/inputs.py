@@ -49,6 +49,12 @@ def decode_base64(s: str, label: str) -> bytes:
         raise BadRequest(f"{label}: not valid base64", code="bad_base64") from None
 
 
+def _query_names(request: Request) -> set[str]:
+    """The query parameters the matched route declares (to point a misplaced form field at the URL)."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    return {p.alias for p in getattr(dependant, "query_params", ())}
+
+
 async def _read_multipart(request: Request, max_images: int) -> list[bytes]:
     parser = MultiPartParser(request.headers, request.stream(), max_files=max_images, max_fields=16)
     try:
@@ -61,10 +67,13 @@ async def _read_multipart(request: Request, max_images: int) -> list[bytes]:
         blobs: list[bytes] = []
         for name, value in form.multi_items():
             if name not in FILE_FIELDS:
-                raise BadRequest(
-                    f"unexpected multipart field {name!r}; send images as 'file' or 'files' parts",
-                    code="bad_multipart",
-                )
+                hint = "send images as 'file' or 'files' parts"
+                if name in _query_names(request):
+                    hint = (
+                        f"{name!r} is a query parameter: put it in the URL ({request.url.path}?{name}=...); "
+                        + hint
+                    )
+                raise BadRequest(f"unexpected multipart field {name!r}; {hint}", code="bad_multipart")
             if not isinstance(value, UploadFile):
                 raise BadRequest(f"multipart field {name!r} must be a file part", code="bad_multipart")
             blobs.append(await value.read())
@@ -92,7 +101,9 @@ def _parse_json(body: bytes, max_images: int) -> list[bytes]:
         raise Unprocessable(
             'JSON body needs exactly one of "images" (a list) or "image"', code="invalid_json"
         )
-    items = req.images if req.images is not None else [req.image or ""]
+    if req.images is None:  # {"image": ...}: errors name the key the client sent
+        return [decode_base64(req.image or "", "image")]
+    items = req.images
     if not items:
         raise BadRequest('"images" is empty', code="empty_body")
     if len(items) > max_images:

@@ -410,11 +410,8 @@ def test_openapi_schemathesis(api_schema: Any) -> None:
         @given(case=operation.as_strategy())
         def check(case: Any) -> None:
             response = case.call()
-            # 5xx only where documented and asked for: a client's own X-Request-Timeout may be tiny (504)
-            own_deadline = response.status_code == 504 and "x-request-timeout" in {
-                k.lower() for k in (case.headers or {})
-            }
-            assert response.status_code < 500 or own_deadline, (
+            # no 5xx at all: X-Request-Timeout is bounded in the schema (a tiny deadline is a 422)
+            assert response.status_code < 500, (
                 case.method,
                 case.path,
                 response.status_code,

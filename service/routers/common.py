@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..errors import DeadlineExceeded
+from ..errors import DeadlineExceeded, NotAcceptable
 from ..imaging import Decoded
 from ..runtime import Runtime
 from ..schemas import ErrorBody, ImageJSONBody, ImagesJSONBody
@@ -71,8 +71,9 @@ def timing(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
 
 
 def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
-    """The offer the client prefers by its Accept header (q-values; exact beats type/* beats */*);
-    ties and unacceptable headers go to the first offer (the default)."""
+    """The offer the client prefers by its Accept header (q-values; exact beats type/* beats */*); no
+    header and ties go to the first offer (the default); a header that accepts none of the offers is
+    406 ``not_acceptable``."""
     if not accept:
         return offers[0]
     ranges: list[tuple[str, float]] = []
@@ -105,7 +106,20 @@ def negotiate(accept: str | None, offers: tuple[str, ...]) -> str:
 
     scored = [(quality(o), -i, o) for i, o in enumerate(offers)]
     q, _, offer = max(scored)
-    return offer if q > 0 else offers[0]
+    if q <= 0:
+        shown = accept if len(accept) <= 100 else accept[:100] + "..."
+        raise NotAcceptable(
+            f"Accept: {shown} matches nothing this route answers; accept {' or '.join(offers)}"
+        )
+    return offer
+
+
+# A valid 32x32 PNG (an RGB gradient): the JSON body's example, so Swagger UI's "Try it out" and
+# schema-driven tools (schemathesis' examples phase) send an image every route accepts.
+EXAMPLE_PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAALUlEQVR42u3NsQkAIBAAsRO++P0ndgntAulzqm3+mXbqI4FA"
+    "IBAIBAKBQPDKBTt/Emp7UMZVAAAAAElFTkSuQmCC"
+)
 
 
 def images_request_body(single: bool) -> dict[str, Any]:
@@ -125,7 +139,10 @@ def images_request_body(single: bool) -> dict[str, Any]:
             "(JPEG, PNG, WebP, GIF first frame, BMP, TIFF).",
             "content": {
                 "multipart/form-data": {"schema": multipart},
-                "application/json": {"schema": json_model.model_json_schema()},
+                "application/json": {
+                    "schema": json_model.model_json_schema(),
+                    "example": {"image": EXAMPLE_PNG_B64} if single else {"images": [EXAMPLE_PNG_B64]},
+                },
                 "image/*": {"schema": binary},
             },
         }

@@ -12,7 +12,7 @@ import time
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import dense
@@ -21,7 +21,7 @@ from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..imaging import Decoded
 from ..inputs import read_images
 from ..schemas import DetectResponse, MaskFormat
-from .common import ERROR_RESPONSES, decode_all, images_request_body, in_pool, stack, timing
+from .common import ERROR_RESPONSES, decode_all, images_request_body, in_pool, negotiate, stack, timing
 
 router = APIRouter(tags=["detect"], dependencies=[Depends(require_api_key)])
 
@@ -87,8 +87,10 @@ async def detect(
         MaskFormat,
         Query(description="Instance masks at the original size: none, COCO uncompressed RLE, or base64 PNG."),
     ] = MaskFormat.none,
+    accept: Annotated[str | None, Header(description="application/json (the only answer).")] = None,
 ) -> Response:
     t0 = time.perf_counter()
+    negotiate(accept, ("application/json",))  # 406 before any work
     batcher = runtime.batcher(TASK)
     bundle = runtime.bundle
     assert bundle is not None

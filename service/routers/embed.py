@@ -46,6 +46,7 @@ async def embed(
     dtype: Annotated[OutDType, Query(description="Output dtype.")] = OutDType.float32,
     accept: Annotated[str | None, Header(description=f"application/json (default) or {NPY}.")] = None,
 ) -> Response:
+    as_npy = negotiate(accept, ("application/json", NPY)) == NPY  # 406 before any work
     batcher = runtime.batcher("embed")
     settings, bundle = runtime.settings, runtime.bundle
     assert bundle is not None
@@ -59,7 +60,7 @@ async def embed(
         out = l2_normalize(out)
     out = out.astype(np.float16 if dtype is OutDType.float16 else np.float32, copy=False)
     grid = list(bundle.image.grid) if pooling is Pooling.none else None
-    if negotiate(accept, ("application/json", NPY)) == NPY:
+    if as_npy:
         headers = {
             "X-Shape": ",".join(map(str, out.shape)),
             "X-Dtype": out.dtype.name,

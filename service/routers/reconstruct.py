@@ -108,6 +108,7 @@ async def reconstruct(
     ] = View.panel,
     accept: Annotated[str | None, Header(description="image/png (default) or application/json.")] = None,
 ) -> Response:
+    as_json = negotiate(accept, ("image/png", "application/json")) == "application/json"  # 406 first
     runtime.require_ready()
     bundle = runtime.bundle
     assert bundle is not None
@@ -135,7 +136,7 @@ async def reconstruct(
     headers = {"X-Model-Id": bundle.model_id, "X-Masked-Count": str(len(idx)), "X-Mask-Ratio": f"{ratio:.6g}"}
     if used_seed is not None:
         headers["X-Seed"] = str(used_seed)
-    if negotiate(accept, ("image/png", "application/json")) == "application/json":
+    if as_json:
 
         def encode() -> dict[str, str]:
             return {k: P.b64png(outs[k]) for k in ("original", "masked", "reconstruction")}

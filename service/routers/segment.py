@@ -85,11 +85,11 @@ async def segment(
     ] = None,
 ) -> Response:
     t0 = time.perf_counter()
+    raw_png = negotiate(accept, ("application/json", "image/png")) == "image/png"  # 406 before any work
     batcher = runtime.batcher(TASK)
     bundle = runtime.bundle
     assert bundle is not None
     classes = bundle.classes(TASK)
-    raw_png = negotiate(accept, ("application/json", "image/png")) == "image/png"
     with batcher.announce() as ticket:
         blobs = await read_images(request, runtime.settings.max_images_per_request)
         if raw_png and len(blobs) > 1:
