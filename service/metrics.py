@@ -90,6 +90,19 @@ class MetricsMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
+        # labelled children cached by their label values: prometheus_client's labels() takes a lock and
+        # builds a tuple per call, a measurable part of a small request's CPU (docs/performance.md)
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def _observe(self, route: str, method: str, status: str, seconds: float) -> None:
+        key = (route, method, status)
+        child = self._children.get(key)
+        if child is None:
+            child = (self.metrics.requests.labels(route, method, status), self.metrics.latency.labels(route))
+            if len(self._children) < 4096:  # bounded: route templates x methods x statuses
+                self._children[key] = child
+        child[0].inc()
+        child[1].observe(seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,6 +119,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            name = route_label(scope)
-            self.metrics.requests.labels(name, scope["method"], str(status["code"])).inc()
-            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            self._observe(route_label(scope), scope["method"], str(status["code"]), time.perf_counter() - t0)

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..errors import DeadlineExceeded, NotAcceptable
+from ..fast import decode_inline
 from ..imaging import Decoded
 from ..runtime import Runtime
 from ..schemas import ErrorBody, ImageJSONBody, ImagesJSONBody
@@ -44,6 +45,8 @@ async def decode_all(
         hist.observe(time.perf_counter() - t0)
         return out
 
+    if decode_inline(blobs):  # thumbnails: decoding costs less than the two pool hand-offs
+        return [work(b, i) for i, b in enumerate(blobs)]
     return await in_pool(
         runtime, deadline, "decoding images", [functools.partial(work, b, i) for i, b in enumerate(blobs)]
     )

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
+from ..fast import JSONResponse, array_for_json
 from ..inputs import read_images
 from ..postprocess import l2_normalize, npy_bytes, pool
 from ..schemas import EmbedResponse, OutDType, Pooling
@@ -78,6 +79,6 @@ async def embed(
             "shape": list(out.shape),
             "dim": int(out.shape[-1]),
             "patch_grid": grid,
-            "embeddings": out.tolist(),
+            "embeddings": array_for_json(out),
         }
     )

@@ -12,12 +12,13 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from .. import postprocess as P
 from ..bundle import Bundle
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..errors import Unprocessable
+from ..fast import JSONResponse
 from ..inputs import read_images
 from ..schemas import ReconstructResponse, View
 from .common import ERROR_RESPONSES, images_request_body, negotiate, preprocess_all

@@ -13,12 +13,13 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from .. import dense
 from .. import postprocess as P
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..errors import NotAcceptable
+from ..fast import JSONResponse
 from ..imaging import Decoded
 from ..inputs import read_images
 from ..schemas import LabelFormat, SegmentResponse
