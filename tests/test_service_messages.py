@@ -138,6 +138,7 @@ def test_schemathesis_against_the_running_server_finds_no_server_error(
             capture_output=True,
             text=True,
             timeout=900,
+            cwd=tmp_path,  # the CLI writes a .schemathesis/ folder where it runs
         )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
