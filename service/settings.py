@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Bind address (the Docker image binds 0.0.0.0).")
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    demo: bool = Field(True, description="Serve the demo page at / (it calls the public routes only).")
     access_log: bool = Field(
         False,
         description="uvicorn's per-request log line (off by default, as gunicorn's access log: /metrics "

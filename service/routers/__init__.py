@@ -11,7 +11,7 @@ call for graphs fixed to batch 1; a dict of outputs per image for multi-output g
 
 from fastapi import APIRouter
 
-from . import detect, docs, embed, health, models, reconstruct, segment
+from . import demo, detect, docs, embed, health, models, reconstruct, segment
 
 ROUTERS: list[APIRouter] = [
     health.router,
@@ -21,6 +21,7 @@ ROUTERS: list[APIRouter] = [
     segment.router,
     detect.router,
     docs.router,
+    demo.router,
 ]
 
 __all__ = ["ROUTERS"]
