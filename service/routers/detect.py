@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
 from .. import dense
-from .. import postprocess as P
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..fast import JSONResponse
 from ..imaging import Decoded
@@ -56,10 +55,13 @@ def detect_one(
             "mask": None,
         }
         if masks is not MaskFormat.none:
-            mask = dense.resize_mask(outs["masks"][i], h, w)
-            det["mask"] = (
-                dense.rle_encode(mask) if masks is MaskFormat.rle else P.b64png(mask.astype(np.uint8) * 255)
-            )
+            # only the window the mask can cover is resized (dense.mask_window): exact, and independent
+            # of the image size for small objects
+            y0, x0, crop = dense.mask_window(outs["masks"][i], h, w)
+            if masks is MaskFormat.rle:
+                det["mask"] = dense.rle_window(h, w, y0, x0, crop)
+            else:
+                det["mask"] = dense.b64(dense.mask_png(h, w, y0, x0, crop))
         detections.append(det)
     return {"width": w, "height": h, "detections": detections}
 
