@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, BackendOptions, BackendUnavailable, Selection, select_backend
+from .backends.select import parse_task_backends
 from .batcher import MicroBatcher, Output
 from .bundle import Bundle, BundleError, load_bundle
 from .dense import check_outputs
@@ -137,8 +138,11 @@ class Runtime:
                 device=s.device, threads=s.threads, cache_dir=s.cache_dir, max_batch_size=s.max_batch_size
             )
             try:
-                self.selection = select_backend(bundle, s.backend, s.precision, options, s.min_cosine)
-            except BackendUnavailable as e:
+                pinned = parse_task_backends(s.task_backends)
+                self.selection = select_backend(
+                    bundle, s.backend, s.precision, options, s.min_cosine, pinned=pinned or None
+                )
+            except (BackendUnavailable, ValueError) as e:
                 raise StartupError(f"refusing to start: {e}") from None
             self.backend = self.selection.backend
         else:

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         description="Accuracy bound for automatic choices: min cosine of pooled embeddings to fp32.",
     )
     threads: int = Field(0, ge=0, description="Intra-op threads of the runtime (0 = the runtime's default).")
+    task_backends: str | None = Field(
+        None,
+        description="Pin the runtime of each task, e.g. embed=openvino:bf16,detect=onnxruntime:fp32 (taken as "
+        "given, no timing); workers > 1 pass their parent's selection to every process this way.",
+    )
     cache_dir: Path | None = Field(None, description="Where GPU runtimes may cache built engines.")
 
     # batching and backpressure
@@ -78,6 +83,14 @@ class Settings(BaseSettings):
     # server
     host: str = Field("127.0.0.1", description="Bind address (the Docker image binds 0.0.0.0).")
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Server processes sharing the port (SO_REUSEPORT), each with its own batchers and "
+        "cpus/workers runtime and decode threads (docs/serving.md, Many cores).",
+    )
+    reuse_port: bool = Field(False, description="Bind with SO_REUSEPORT (set for the processes of workers > 1).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     demo: bool = Field(True, description="Serve the demo page at / (it calls the public routes only).")
     access_log: bool = Field(

@@ -364,6 +364,51 @@ def _choose_task(
     return best, skipped
 
 
+def parse_task_backends(text: str | None) -> dict[str, tuple[str, str]]:
+    """``"embed=openvino:bf16,detect=onnxruntime:fp32"`` -> {task: (backend, precision)}."""
+    out: dict[str, tuple[str, str]] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        task, sep, choice = item.partition("=")
+        name, sep2, precision = choice.partition(":")
+        if not (sep and sep2 and task.strip() and name.strip() and precision.strip()):
+            raise ValueError(f"task_backends: {item!r} is not task=backend:precision")
+        out[task.strip()] = (name.strip(), precision.strip())
+    return out
+
+
+def format_task_backends(backend: Backend) -> str:
+    """The inverse of ``parse_task_backends`` for a loaded (per-task) backend."""
+    names = getattr(backend, "task_backend", None) or dict.fromkeys(backend.capabilities, backend.name)
+    return ",".join(
+        f"{t}={names[t]}:{backend.task_precision.get(t, backend.precision)}" for t in sorted(backend.capabilities)
+    )
+
+
+def _pinned(bundle: Bundle, pinned: dict[str, tuple[str, str]], options: BackendOptions) -> Selection:
+    loader = _Candidates(bundle, options, None)
+    choices: dict[str, TaskChoice] = {}
+    unavailable: dict[str, str] = {}
+    for task in bundle.tasks:
+        if task not in pinned:
+            unavailable[task] = "not in task_backends"
+            continue
+        name, precision = pinned[task]
+        if name not in BACKENDS:
+            raise BackendUnavailable(f"task_backends: unknown backend {name!r} for {task}")
+        try:
+            backend, _, _ = loader.try_load(name, precision, task)
+        except BackendUnavailable as e:
+            unavailable[task] = f"{name} {precision}: {e}"
+            continue
+        choices[task] = TaskChoice(task, backend, f"{name} {precision}")
+    if not choices:
+        raise BackendUnavailable("task_backends: no task could be loaded: " + "; ".join(unavailable.values()))
+    composite = PerTaskBackend({t: c.backend for t, c in choices.items()}, unavailable)
+    return Selection(composite, "per task as pinned by task_backends", None, [], {}, choices)
+
+
 def select_backend(
     bundle: Bundle,
     backend: str = "auto",
@@ -372,11 +417,15 @@ def select_backend(
     min_cosine: float = 0.999,
     max_timed: int = 3,
     timer: Callable[[Backend, Bundle, str], float] | None = None,
+    pinned: dict[str, tuple[str, str]] | None = None,
 ) -> Selection:
     """Load what the settings ask for (see the module docstring); raise BackendUnavailable if no task of
     the bundle can be served. ``timer(backend, bundle, task) -> rows/s`` replaces the start-up timing
-    (tests)."""
+    (tests). ``pinned`` {task: (backend, precision)} loads those as given (``task_backends``: how the
+    processes of ``workers > 1`` all serve what their parent selected, without timing again)."""
     options = options or BackendOptions()
+    if pinned:
+        return _pinned(bundle, pinned, options)
     timer = timer or measure_throughput
     if backend != "auto" and backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
