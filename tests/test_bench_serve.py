@@ -40,6 +40,7 @@ def test_bench_serve_smoke(tmp_path: Path, embed_bundle: Path) -> None:
         "--backend", "onnxruntime", "--precision", "fp32", "--duration", "1", "--warmup", "0.3",
         "--concurrency", "1,4", "--image", "photo", "--image-size", "48", "--max-batch", "4",
         "--start-timeout", "60", "--max-total-s", "100", "--json", str(out),
+        "--load", "python", "--payload", "png", "--no-litserve", "--no-fastest",
     ]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -66,3 +67,37 @@ def test_bench_serve_smoke(tmp_path: Path, embed_bundle: Path) -> None:
     for key in ("server_vs_inprocess", "server_vs_naive", "p50_gap_ms"):
         assert math.isfinite(t[key]["value"]) and isinstance(t[key]["met"], bool), key
     assert doc["settings"]["torch_imported"] is False  # the benchmark itself never needs torch
+
+
+WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8200/embed
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   119.92ms   21.40ms 313.52ms   87.50%
+    Req/Sec   240.12     40.01   303.00     70.00%
+  Latency Distribution
+     50%  118.75ms
+     75%  124.21ms
+     90%  139.02ms
+     99%  212.00ms
+  1920 requests in 8.04s, 3.32MB read
+  Non-2xx or 3xx responses: 3
+  Socket errors: connect 0, read 1, write 0, timeout 2
+Requests/sec:    238.68
+Transfer/sec:    423.41KB
+"""
+
+
+def test_wrk_report_parsing() -> None:
+    sys.path.insert(0, str(REPO))
+    from bench.serving.wrk import parse
+
+    r = parse(WRK_OUTPUT, 32, 8.04)
+    assert (r.requests, r.rps, r.concurrency) == (1920, 238.68, 32)
+    assert (r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms) == (118.75, 139.02, 212.0, 313.52)
+    assert r.mean_ms == 119.92 and r.errors == {"non-2xx": 3, "read": 1, "timeout": 2}
+
+
+def test_serve_benchmark_files_stay_small() -> None:
+    """bench/serve.py was split by concern (bench/serving/): every file under 500 lines."""
+    for f in [REPO / "bench" / "serve.py", *(REPO / "bench" / "serving").glob("*.py")]:
+        assert len(f.read_text().splitlines()) < 500, f
