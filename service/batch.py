@@ -199,7 +199,11 @@ class Embedder:
         idx = np.flatnonzero(ok)
         for s in range(0, len(idx), self.batch_size):
             rows = idx[s : s + self.batch_size]
-            out = pool(self.backend.infer("embed", {"images": images[rows]}), self.pooling)
+            if self.pooling.startswith("last"):  # needs the graph's second output
+                outs = self.backend.infer_outputs("embed", {"images": images[rows]})
+                out = pool(outs["tokens"], self.pooling, outs.get("block_readouts"))
+            else:
+                out = pool(self.backend.infer("embed", {"images": images[rows]}), self.pooling)
             if self.normalize:
                 out = l2_normalize(out)
             if emb is None:
@@ -277,7 +281,7 @@ def run(
     precision: str = "fp32",
     device: str = "cpu",
     threads: int = 1,
-    pooling: str = "cls",
+    pooling: str | None = None,
     normalize: bool = False,
 ) -> dict[str, Any]:
     """Embed every image under SRC into DST (see the module docstring); returns counts."""
@@ -290,6 +294,9 @@ def run(
     b = load_bundle(bundle)  # verified once here; fails fast on a damaged bundle before any work starts
     if "embed" not in b.spec["tasks"]:
         raise SystemExit(f"{bundle}: the bundle has no embed graph")
+    pooling = pooling or b.default_pooling  # as /embed without ?pooling=
+    if pooling not in b.poolings or pooling == "none":
+        raise SystemExit(f"--pooling {pooling}: this bundle offers {', '.join(p for p in b.poolings if p != 'none')}")
     settings = Settings()  # the service's limits, CAE_MAX_PIXELS / CAE_MIN_SIDE included
     limits = Limits(settings.max_pixels, settings.min_side)
 
@@ -364,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per actor")
     p.add_argument("--threads", type=int, default=1, help="CPUs (intra-op threads) per actor")
-    p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="as /embed?pooling=")
+    p.add_argument("--pooling", default=None,
+                   help="cls | mean | cls+mean | lastN, as /embed?pooling= (default: the bundle's default_pooling)")
     p.add_argument("--normalize", action="store_true", help="L2-normalize, as /embed?normalize=true")
     p.add_argument("--log-level", default="info")
     return p

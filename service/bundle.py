@@ -68,6 +68,17 @@ class Bundle:
         """Class names of a dense task (index = the label id its graph outputs; 0 is background)."""
         return list(self.spec["tasks"].get(task, {}).get("classes") or [])
 
+    @property
+    def poolings(self) -> list[str]:
+        """The ``/embed`` readouts this bundle's embed graph supports (bundles whose graph returns only the
+        tokens: cls, mean, none)."""
+        return list(self.spec["tasks"].get("embed", {}).get("poolings") or ["cls", "mean", "none"])
+
+    @property
+    def default_pooling(self) -> str:
+        """The readout the model card's numbers were measured on: what ``/embed`` returns by default."""
+        return str(self.spec["tasks"].get("embed", {}).get("default_pooling") or "cls")
+
     def fixed_batch(self, task: str) -> int | None:
         """The batch size the task's graph is fixed to (an integer first input dim), None if dynamic."""
         dim = self.spec["tasks"][task]["inputs"][0]["shape"][0]

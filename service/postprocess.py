@@ -21,12 +21,21 @@ from .bundle import ImageSpec
 _GREY = 0.5  # masked cells are shown mid-grey (0 in normalized space would be the dataset mean colour)
 
 
-def pool(tokens: np.ndarray, pooling: str) -> np.ndarray:
-    """[n, 1+N, D] tokens after the final norm -> [n, D] (cls, mean of patch tokens) or [n, N, D] (none)."""
+def pool(tokens: np.ndarray, pooling: str, blocks: np.ndarray | None = None) -> np.ndarray:
+    """[n, 1+N, D] tokens after the final norm -> [n, D] (cls, mean of patch tokens), [n, 2D] (cls+mean),
+    [n, N, D] (none); ``lastN`` -> [n, 2ND] from ``blocks`` [n, depth, 2, D] (each block's cls and patch
+    mean through the final norm, oldest first), exactly ``CAE.forward_readout``."""
     if pooling == "cls":
         return tokens[:, 0]
     if pooling == "mean":
         return tokens[:, 1:].mean(axis=1)
+    if pooling == "cls+mean":
+        return np.concatenate([tokens[:, 0], tokens[:, 1:].mean(axis=1)], axis=-1)
+    if pooling.startswith("last"):
+        if blocks is None:
+            raise ValueError(f"pooling {pooling} needs the embed graph's block_readouts output")
+        n = int(pooling[4:])
+        return np.ascontiguousarray(blocks[:, -n:]).reshape(len(blocks), -1)
     return tokens[:, 1:]
 
 

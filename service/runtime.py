@@ -214,6 +214,7 @@ class Runtime:
         if not self.per_image_outputs(task):
             return functools.partial(backend.infer, task)
         names = [t["name"] for t in self.bundle.spec["tasks"][task]["outputs"]]
+        batch_axis = all(t["shape"] and t["shape"][0] == "batch" for t in self.bundle.spec["tasks"][task]["outputs"])
 
         def run(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
             outs = backend.infer_outputs(task, inputs)
@@ -223,7 +224,7 @@ class Runtime:
                 outs = dict(zip(names, outs.values(), strict=True))
             outs = {n: outs[n] for n in names}
             rows = len(next(iter(inputs.values())))
-            if rows == 1:
+            if rows == 1 and not batch_axis:  # e.g. detect: one image per call, outputs without a batch axis
                 return [outs]
             return [{n: v[i] for n, v in outs.items()} for i in range(rows)]  # batched multi-output graphs
 
@@ -328,6 +329,8 @@ class Runtime:
             "selection": self.selection.describe() if self.selection else {},
             "image": spec["image"],
             "embed_dim": b.embed_dim,
+            "poolings": b.poolings,
+            "default_pooling": b.default_pooling,
             "target": spec["target"],
             "limits": {
                 "max_body_bytes": s.max_body_bytes,

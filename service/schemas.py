@@ -9,9 +9,17 @@ from pydantic import BaseModel, Field
 
 
 class Pooling(str, Enum):
+    """The fixed readout names; ``lastN`` (N = 1..depth) is matched by :data:`POOLING_PATTERN`."""
+
     cls = "cls"
     mean = "mean"
+    cls_mean = "cls+mean"
     none = "none"
+
+
+# cls | mean | cls+mean | lastN (DINOv2: cls and patch mean of each of the last N blocks) | none
+# (an unescaped "+" in a query string arrives as a space: "cls mean" is read as cls+mean)
+POOLING_PATTERN = r"^(cls|mean|cls[+ ]mean|none|last[1-9][0-9]?)$"
 
 
 class OutDType(str, Enum):
@@ -57,7 +65,7 @@ class ImageJSONBody(BaseModel):
 
 class EmbedResponse(BaseModel):
     model: str = Field(description="Model id (spec.model.id).")
-    pooling: Pooling
+    pooling: str = Field(description="The readout returned (the bundle's default when none was asked for).")
     normalized: bool
     dtype: OutDType
     shape: list[int] = Field(description="[n, dim] pooled; [n, num_patches, dim] with pooling=none.")
@@ -185,6 +193,8 @@ class ModelCard(BaseModel):
     selection: dict[str, Any]
     image: dict[str, Any]
     embed_dim: int
+    poolings: list[str] = Field(default_factory=list, description="/embed?pooling= values this model offers.")
+    default_pooling: str = Field("cls", description="What /embed returns without ?pooling= (the measured readout).")
     target: dict[str, Any]
     limits: dict[str, Any]
     spec: dict[str, Any]

@@ -33,7 +33,7 @@ def test_fixture_bundle_reproduces_official_outputs(official_fixture_dir, tmp_pa
     inputs = np.load(official_fixture_dir / "inputs.npz")
     ref = np.load(official_fixture_dir / "outputs.npz")
     embed = ort.InferenceSession(str(tmp_path / "b" / "embed.onnx"))
-    (tokens,) = embed.run(None, {"images": inputs["images"]})
+    tokens, blocks = embed.run(None, {"images": inputs["images"]})
     np.testing.assert_allclose(tokens, ref["encoder_all_tokens"], rtol=0, atol=1e-4)
     rec = ort.InferenceSession(str(tmp_path / "b" / "reconstruct.onnx"))
     (logits,) = rec.run(None, {"images": inputs["images"], "mask": inputs["bool_masked_pos"]})
@@ -54,7 +54,8 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
     e = spec["tasks"]["embed"]
     assert e["inputs"][0] == {"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32]}
-    assert e["outputs"][0]["shape"] == ["batch", 17, 64]
+    assert e["outputs"][0]["shape"] == ["batch", 17, 64] and e["outputs"][1]["shape"] == ["batch", 2, 2, 64]
+    assert e["default_pooling"] == "cls" and e["poolings"] == ["cls", "mean", "cls+mean", "last1", "last2", "none"]
     assert e["parity"]["max_abs_diff"] <= 1e-4 and e["parity"]["min_cosine"] >= 0.99999
     assert e["variants"]["fp16"]["parity"]["min_cosine_pooled"] >= 0.999
     assert e["variants"]["int8"]["parity"]["min_cosine_pooled"] >= 0.99
@@ -64,11 +65,16 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
 def test_dynamic_batch_and_mask_count(tiny_bundle, batch):
     model, out, _ = tiny_bundle
     x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-    (tokens,) = ort.InferenceSession(str(out / "embed.onnx")).run(None, {"images": x})
+    tokens, blocks = ort.InferenceSession(str(out / "embed.onnx")).run(None, {"images": x})
     with torch.no_grad():
         ref = model.forward_features(torch.from_numpy(x)).numpy()
-    assert tokens.shape == (batch, 17, 64)
+    assert tokens.shape == (batch, 17, 64) and blocks.shape == (batch, 2, 2, 64)
     np.testing.assert_allclose(tokens, ref, atol=1e-4)
+    with torch.no_grad():  # every readout is a slice of the outputs
+        np.testing.assert_allclose(blocks, model.forward_block_readouts(torch.from_numpy(x)).numpy(), atol=1e-4)
+        np.testing.assert_allclose(blocks[:, -1, 0], ref[:, 0], atol=1e-4)
+        last2 = model.forward_readout(torch.from_numpy(x), "last2").numpy()
+    np.testing.assert_allclose(blocks.reshape(batch, -1), last2, atol=1e-4)
     for nm in (3, 11):
         mask = np.zeros((batch, 16), dtype=bool)
         mask[:, np.random.default_rng(nm).choice(16, nm, replace=False)] = True
@@ -155,7 +161,7 @@ def test_default_bundle_is_consistent_and_reexports(tmp_path):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == spec["model"]["source_sha256"]
     model = load_model(ckpt)
     x = np.random.default_rng(0).standard_normal((3, 3, 28, 28)).astype(np.float32)
-    (tokens,) = ort.InferenceSession(str(bundle / "embed.onnx")).run(None, {"images": x})
+    tokens = ort.InferenceSession(str(bundle / "embed.onnx")).run(["tokens"], {"images": x})[0]
     with torch.no_grad():
         np.testing.assert_allclose(tokens, model.forward_features(torch.from_numpy(x)).numpy(), atol=1e-4)
     fresh = export_bundle(ckpt, tmp_path / "re", tasks=("embed",))

@@ -383,3 +383,27 @@ def test_max_steps_eta_counts_only_the_steps_left(tmp_path, image_folder, caplog
         pretrain(tiny_cfg(image_folder, "optim.epochs=50", "runtime.max_steps=3"), tmp_path / "run")
     etas = [r.getMessage().rsplit("eta ", 1)[1] for r in caplog.records if " eta " in r.getMessage()]
     assert etas and etas[-1] == "0:00:00"  # the last logged step is the cap, not 147 steps before the end
+
+
+def test_shifted_test_set_is_seeded_smaller_and_off_centre(image_folder):
+    from PIL import Image
+
+    from training import data as D
+
+    img = Image.new("RGB", (28, 28), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 28, 28))
+    img.putpixel((0, 0), (0, 0, 0))
+    src = [(img, 3)] * 20
+    ds = D.ShiftedDataset(src)  # type: ignore[arg-type]
+    a, la = ds[5]
+    b, _ = ds[5]
+    assert la == 3 and a.size == (28, 28) and np.array_equal(np.asarray(a), np.asarray(b))  # seeded by index
+    fracs, centres = [], []
+    for i in range(20):
+        arr = np.asarray(ds[i][0])[..., 0] > 128
+        ys, xs = arr.nonzero()
+        fracs.append(arr.mean())
+        centres.append((ys.mean(), xs.mean()))
+    lo, hi = D.ShiftedDataset.SCALE
+    assert lo**2 * 0.8 <= min(fracs) and max(fracs) <= hi**2 * 1.1  # area ~ side fraction squared
+    assert np.std([c[1] for c in centres]) > 1.0  # not all centred

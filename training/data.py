@@ -215,11 +215,41 @@ def expand_shards(spec: str) -> list[str]:
     return sorted(glob.glob(spec))
 
 
+class ShiftedDataset(Dataset):
+    """Each image shrunk to a side fraction in ``scale`` and pasted at a random place on a canvas of its
+    corner colour, seeded by (seed, index): garments that are not framed like the training images (small,
+    off-centre), as a user's loose crop is. Same size and labels as ``source``."""
+
+    SCALE = (0.55, 0.85)
+
+    def __init__(self, source: Dataset, scale: tuple[float, float] = SCALE, seed: int = 0) -> None:
+        self.source, self.scale, self.seed = source, scale, seed
+        self.classes = getattr(source, "classes", None)
+        self.labels = getattr(source, "labels", None)
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        img, label = self.source[i]
+        rng = np.random.default_rng([self.seed, i])
+        side = max(1, int(round(min(img.size) * rng.uniform(*self.scale))))
+        inner = img.resize((side, side), Image.Resampling.BICUBIC)
+        canvas = Image.new(img.mode, img.size, img.getpixel((0, 0)))
+        canvas.paste(inner, (int(rng.integers(0, img.width - side + 1)), int(rng.integers(0, img.height - side + 1))))
+        return canvas, label
+
+
 def build_source(dataset: str, split: str = "train") -> Dataset:
-    """``fashion-mnist[:ROOT]``, ``imagefolder:PATH`` (``PATH/train``, ``PATH/val`` used when present)."""
+    """``fashion-mnist[:ROOT]``, ``fashion-mnist-shifted[:ROOT]`` (the train split as is, the test split
+    through :class:`ShiftedDataset`), ``imagefolder:PATH`` (``PATH/train``, ``PATH/val`` when present)."""
     kind, _, arg = dataset.partition(":")
     if kind == "fashion-mnist":
         return FashionMNIST(arg or FMNIST_DIR, split="train" if split == "train" else "test")
+    if kind == "fashion-mnist-shifted":
+        if split == "train":
+            return FashionMNIST(arg or FMNIST_DIR, split="train")
+        return ShiftedDataset(FashionMNIST(arg or FMNIST_DIR, split="test"))
     if kind == "imagefolder":
         if not arg:
             raise DataError("imagefolder needs a path: imagefolder:PATH")

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
+from ..errors import Unprocessable
 from ..fast import JSONResponse, array_for_json
 from ..inputs import read_images
 from ..postprocess import l2_normalize, npy_bytes, pool
-from ..schemas import EmbedResponse, OutDType, Pooling
+from ..schemas import POOLING_PATTERN, EmbedResponse, OutDType
 from .common import ERROR_RESPONSES, NPY, images_request_body, negotiate, preprocess_all
 
 router = APIRouter(tags=["embed"], dependencies=[Depends(require_api_key)])
@@ -37,12 +38,15 @@ async def embed(
     runtime: RuntimeDep,
     deadline: DeadlineDep,
     pooling: Annotated[
-        Pooling,
+        str | None,
         Query(
-            description="cls token, mean of patch tokens, or none (every patch "
-            "token, row-major, with the patch grid)."
+            pattern=POOLING_PATTERN,
+            description="cls token, mean of the patch tokens, cls+mean (both concatenated), lastN (DINOv2-style: "
+            "cls and patch mean of each of the last N blocks, e.g. last4), or none (every patch token, row-major, "
+            "with the patch grid). Default: the bundle's default_pooling (GET /v1/models), the readout its "
+            "model card measured.",
         ),
-    ] = Pooling.cls,
+    ] = None,
     normalize: Annotated[bool, Query(description="L2-normalize each vector.")] = False,
     dtype: Annotated[OutDType, Query(description="Output dtype.")] = OutDType.float32,
     accept: Annotated[str | None, Header(description=f"application/json (default) or {NPY}.")] = None,
@@ -51,16 +55,27 @@ async def embed(
     batcher = runtime.batcher("embed")
     settings, bundle = runtime.settings, runtime.bundle
     assert bundle is not None
+    pooling = (pooling or bundle.default_pooling).replace(" ", "+")
+    if pooling not in bundle.poolings:
+        raise Unprocessable(
+            f"pooling {pooling!r} is not offered by this model; choose one of {', '.join(bundle.poolings)}",
+            code="invalid_option",
+        )
     with batcher.announce() as ticket:
         blobs = await read_images(request, settings.max_images_per_request)
         x = await preprocess_all(runtime, blobs, deadline)
         runtime.metrics.images.labels("embed").inc(len(blobs))
-        tokens = await batcher.submit({"images": x}, deadline=deadline, ticket=ticket)
-    out = pool(tokens, pooling.value)
+        result = await batcher.submit({"images": x}, deadline=deadline, ticket=ticket)
+    if isinstance(result, list):  # a graph with block readouts: one {output: array} per image
+        tokens = np.stack([r["tokens"] for r in result])
+        blocks = np.stack([r["block_readouts"] for r in result]) if "block_readouts" in result[0] else None
+    else:
+        tokens, blocks = result, None
+    out = pool(tokens, pooling, blocks)
     if normalize:
         out = l2_normalize(out)
     out = out.astype(np.float16 if dtype is OutDType.float16 else np.float32, copy=False)
-    grid = list(bundle.image.grid) if pooling is Pooling.none else None
+    grid = list(bundle.image.grid) if pooling == "none" else None
     if as_npy:
         headers = {
             "X-Shape": ",".join(map(str, out.shape)),
@@ -73,7 +88,7 @@ async def embed(
     return JSONResponse(
         {
             "model": bundle.model_id,
-            "pooling": pooling.value,
+            "pooling": pooling,
             "normalized": normalize,
             "dtype": dtype.value,
             "shape": list(out.shape),
