@@ -1,8 +1,10 @@
 """Pretraining throughput of a preset: images/s of full training steps (forward, alignment pass, backward,
-AdamW), fp32 vs the preset's autocast precision measured in the same run, plus model FLOPs utilization
-where a peak is known.
+AdamW, and the instance term when the preset has one), fp32 vs the preset's autocast precision, beside
+this machine's dense matmul rate in the same precisions measured in the same run (square GEMMs, and GEMMs
+of the model's own width), so the step's FLOP/s reads as a fraction of what the hardware gives here.
 
     python bench/train_throughput.py fmnist_cae [--batch 256] [--steps 5] [--set model.overrides.depth=8]
+    python bench/train_throughput.py fmnist_cae_ct --batch 256 --threads 1
     python bench/train_throughput.py cae_base_800e --batch 64 --device cuda     # on a GPU
 """
 
@@ -45,8 +47,48 @@ def train_flops_per_image(model, mask_ratio: float) -> float:
     return 3 * (enc + reg + dec) + target
 
 
-def measure(model, batch: int, steps: int, device: torch.device, amp: torch.dtype | None, mask_ratio: float) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def instance_flops_per_image(model, hidden: int, proj: int) -> float:
+    """The instance term: one unmasked encoder pass on the second view (forward + backward) and the
+    projection head on both views."""
+    c = model.cfg
+    d, t = c.embed_dim, 1 + c.num_patches
+    block = 2 * t * d * d * 4 + 2 * t * d * int(d * c.mlp_ratio) * 2 + 2 * 2 * t * t * d
+    head = 2 * (d * hidden + hidden * hidden + hidden * proj)
+    return 3 * (c.depth * block + 2 * head)
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of [m, k] x [k, n] in ``dtype`` (best of repeated timed batches)."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    best, reps = 0.0, 4
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        best = max(best, 2 * m * k * n * reps / dt)
+        reps = reps * 2 if dt < 0.05 else reps
+    return best
+
+
+def measure(
+    model, batch: int, steps: int, device: torch.device, amp: torch.dtype | None, mask_ratio: float, cfg=None
+) -> float:
+    head = None
+    if cfg is not None and cfg.instance.kind != "none":
+        from training.instance import ProjectionHead
+
+        head = ProjectionHead(model.embed_dim, cfg.instance.hidden_dim, cfg.instance.proj_dim).to(device)
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    opt = torch.optim.AdamW(params, lr=1e-4)
     c = model.cfg
     x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=device)
     nm = int(round(mask_ratio * c.num_patches))
@@ -57,7 +99,14 @@ def measure(model, batch: int, steps: int, device: torch.device, amp: torch.dtyp
     def step() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(x, mask)
-        model.forward_loss(out, target)["loss"].backward()
+        loss = model.forward_loss(out, target)["loss"]
+        if head is not None:
+            from training.instance import info_nce
+
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                z1, z2 = head(out.latent_visible[:, 0]), head(model.forward_encoder(x.flip(-1))[:, 0])
+            loss = loss + info_nce(z1, z2, cfg.instance.temperature)[0]
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -80,24 +129,40 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (H100 SXM: 989)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
-    cfg = load_config(args.preset, args.set)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.preset, [*args.set, "model.init_from=null"])
     device = torch.device(args.device)
     model = build_model(cfg).to(device).train()
     if model.cfg.target == "dalle":
         _logger.info("(DALL-E targets: random token ids stand in for the tokenizer, which is not timed)")
     flops = train_flops_per_image(model, cfg.data.mask_ratio)
+    if cfg.instance.kind != "none":
+        flops += instance_flops_per_image(model, cfg.instance.hidden_dim, cfg.instance.proj_dim)
     low = torch.bfloat16 if device.type == "cuda" or cpu_has_amx_or_bf16() else None
-    base = measure(model, args.batch, args.steps, device, None, cfg.data.mask_ratio)
-    rows = [("fp32", base)]
+    d, tokens = model.cfg.embed_dim, args.batch * (1 + model.cfg.num_patches // 2)
+    peaks = {}  # the hardware's dense rate here, measured now: square and model-shaped (tokens x D x 4D)
+    for name, dt in (("fp32", torch.float32), *((("bf16", low),) if low is not None else ())):
+        peaks[name] = (matmul_rate(2048, 2048, 2048, dt, device), matmul_rate(tokens, d, 4 * d, dt, device))
+    base = measure(model, args.batch, args.steps, device, None, cfg.data.mask_ratio, cfg)
+    rows = [("fp32", "fp32", base)]
     if low is not None:
-        rows.append(("bf16 autocast", measure(model, args.batch, args.steps, device, low, cfg.data.mask_ratio)))
-    _logger.info("%s on %s, batch %d, %.2f GFLOP/img per training step", args.preset, device, args.batch, flops / 1e9)
-    for name, rate in rows:
-        line = f"{name:14s} {rate:9.1f} img/s  x{rate / base:.2f} vs fp32  {rate * flops / 1e12:.2f} TFLOP/s"
+        rows.append(("bf16 autocast", "bf16", measure(model, args.batch, args.steps, device, low, cfg.data.mask_ratio, cfg)))
+    _logger.info("%s on %s (%d threads), batch %d, %.2f GFLOP/img per training step", args.preset, device,
+                 torch.get_num_threads(), args.batch, flops / 1e9)  # fmt: skip
+    for name, (sq, shaped) in peaks.items():
+        _logger.info("matmul %-4s  2048^3 %7.1f GFLOP/s   %dx%dx%d (model-shaped) %7.1f GFLOP/s", name, sq / 1e9,
+                     tokens, d, 4 * d, shaped / 1e9)  # fmt: skip
+    for name, prec, rate in rows:
+        achieved = rate * flops
+        sq, shaped = peaks[prec]
+        line = (f"{name:14s} {rate:9.1f} img/s  x{rate / base:.2f} vs fp32  {achieved / 1e9:8.1f} GFLOP/s = "
+                f"{100 * achieved / sq:.0f}% of the {prec} matmul rate ({100 * achieved / shaped:.0f}% of model-shaped)")
         if args.peak_tflops:
-            line += f"  MFU {100 * rate * flops / 1e12 / args.peak_tflops:.1f}%"
+            line += f"  MFU {100 * achieved / 1e12 / args.peak_tflops:.1f}%"
         _logger.info(line)
     return 0
 
