@@ -1319,7 +1319,11 @@ def _dispatch(
         res = _run_finetune(params, backbone, spec, transform, preprocess, dev, amp, seed)  # type: ignore[arg-type]
         return res, None, res.pop("n_train"), res.pop("n_test"), res.pop("num_classes")
     feature = getattr(params, "feature", None)
+    # one encoder pass gives every standard readout for little more than the cls token: cache them
+    # together, so that comparing readouts costs one extraction (lastN only as asked, and last4)
     readouts = [feature] if feature else []
+    if protocol in ("knn", "linear"):
+        readouts = list(dict.fromkeys([*readouts, "mean", "cls+mean", f"last{min(4, backbone.cfg.depth)}"]))
     need_tokens = protocol == "attentive"
     args = (params, transform, preprocess, amp, dev, cache)
     tr = _get_features(backbone, spec, "train", need_tokens, readouts, *args)
