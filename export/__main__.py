@@ -21,7 +21,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.decoder_num_heads:
         overrides["decoder_num_heads"] = args.decoder_num_heads
     try:
-        model = convert_checkpoint(args.src, args.dst, **overrides)
+        model = convert_checkpoint(args.src, args.dst, readout=args.readout, **overrides)
     except CheckpointError as e:
         _logger.error("%s", e)
         return 2
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output path, ending in .safetensors")
     c.add_argument("--num-heads", type=int, default=None, help="encoder heads, when the file cannot tell")
     c.add_argument("--decoder-num-heads", type=int, default=None, help="regressor/decoder heads, likewise")
+    c.add_argument("--readout", default=None,
+                   help="default readout: cls | mean | cls+mean | lastN (what eval measures and /embed serves "
+                   "by default; written into the file)")
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.set_defaults(func=_cmd_convert)
     o = sub.add_parser(

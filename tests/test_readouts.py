@@ -111,3 +111,17 @@ def test_default_bundle_serves_what_its_card_measured() -> None:
         pytest.skip("the default bundle predates named readouts")
     cos = _served_vs_measured(bundle, bundle / "model.safetensors", _real_images(9, 28), None)
     assert cos.min() >= 0.999, cos
+
+
+def test_convert_sets_the_readout_and_keeps_our_metadata(tmp_path: Path) -> None:
+    from training.models import CAE, CheckpointError, convert_checkpoint
+    from training.models.checkpoint import read_metadata
+
+    pre = {"img_size": 32, "mean": [0.1] * 3, "std": [0.2] * 3, "interpolation": "bicubic"}
+    src = save_model(CAE(CAEConfig(**tiny_overrides())), tmp_path / "a.safetensors", metadata={"preprocess": json.dumps(pre)})
+    convert_checkpoint(src, tmp_path / "b.safetensors", readout="last2")
+    meta = read_metadata(tmp_path / "b.safetensors")
+    assert meta["readout"] == "last2" and json.loads(meta["preprocess"]) == pre
+    assert E.resolve_backbone(str(tmp_path / "b.safetensors")).readout == "last2"
+    with pytest.raises(CheckpointError, match="lastN"):
+        convert_checkpoint(src, tmp_path / "c.safetensors", readout="last3")  # the tiny model has 2 blocks

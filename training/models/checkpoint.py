@@ -510,11 +510,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     return model.to(device).eval()
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, **overrides: Any) -> CAE:
-    """Convert any checkpoint :func:`load_model` reads into our safetensors format."""
+CARRIED_METADATA = ("preprocess", "run_config", "epoch", "readout")
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, readout: str | None = None, **overrides: Any) -> CAE:
+    """Convert any checkpoint :func:`load_model` reads into our safetensors format. Our own files keep
+    their preprocessing, run config and readout; ``readout`` sets the default readout (what evaluation
+    measures and ``/embed`` serves by default, e.g. ``cls`` or ``last4``)."""
+    from .cae import parse_readout
+
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"destination must end in .safetensors, got {dst.name}")
     model = load_model(src, **overrides)
-    save_model(model, dst, metadata={"source_file": src.name, "source_sha256": sha256_file(src)})
+    meta = {k: v for k, v in read_metadata(src).items() if k in CARRIED_METADATA}
+    if readout is not None:
+        try:
+            parse_readout(readout, model.cfg.depth)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        meta["readout"] = readout
+    save_model(model, dst, metadata={**meta, "source_file": src.name, "source_sha256": sha256_file(src)})
     return model
