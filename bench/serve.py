@@ -61,7 +61,7 @@ from bench.serving.common import (  # noqa: E402
 )
 from bench.serving.images import make_png  # noqa: E402
 from bench.serving.inprocess import fastest_inprocess, make_vits, measure_inprocess  # noqa: E402
-from bench.serving.loadgen import LevelResult, build_request, load_test  # noqa: E402
+from bench.serving.loadgen import HttpConnection, LevelResult, build_request, load_test  # noqa: E402, F401 (bench/load_test.py uses them through this module)
 from bench.serving.procs import ServerProcess, child_env, free_port, get_json  # noqa: E402
 from bench.serving.report import Report  # noqa: E402
 from bench.serving.wrk import available as wrk_available  # noqa: E402
