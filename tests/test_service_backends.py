@@ -170,6 +170,8 @@ def test_skip_reasons_are_one_clean_line() -> None:
     assert clean_reason(RuntimeError(ov_report)) == "cannot convert operation Loop-18"
     other = clean_reason(RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:12:\nbad   input\nshape"))
     assert other == "bad input shape"
+    ort = clean_reason(RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from /srv/b/x/detect.onnx failed"))
+    assert ort == "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from detect.onnx failed"
     long = clean_reason("x" * 500)
     assert len(long) <= 200 and long.endswith("...")
 

@@ -37,13 +37,14 @@ class BackendOptions:
 
 
 _SOURCE_REF = re.compile(r"\S*\.(?:cpp|cc|cxx|hpp|h|py):\d+:?")
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+([\w.+-]+)")  # /any/dir/file.onnx -> file.onnx
 _NOISE = re.compile(r"^(?:Exception from|Check '.*' failed at|FrontEnd API failed|Model wasn't fully converted|"
                     r"Failed operations detailed log|Summary:?$)")
 
 
 def clean_reason(err: BaseException | str, limit: int = 200) -> str:
     """A runtime's exception as one short line that names the problem: no C++/Python source locations, no
-    multi-line dumps (the full text goes to the debug log). OpenVINO's conversion reports become
+    directories (a file keeps its name), no multi-line dumps (the full text goes to the debug log). OpenVINO's conversion reports become
     "cannot convert operation Loop-18"."""
     text = str(err)
     failed = re.search(r"Conversion is failed for:\s*(.+)", text)
@@ -51,7 +52,7 @@ def clean_reason(err: BaseException | str, limit: int = 200) -> str:
         return f"cannot convert operation {failed.group(1).strip().rstrip('.')}"
     lines = []
     for line in text.splitlines():
-        line = _SOURCE_REF.sub("", line).strip(" :-")
+        line = _ABS_PATH.sub(r"\1", _SOURCE_REF.sub("", line)).strip(" :-")
         if line and not _NOISE.match(line):
             lines.append(line)
     out = " ".join(lines) or (type(err).__name__ if isinstance(err, BaseException) else "unknown error")
