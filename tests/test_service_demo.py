@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser import dump_dom, screenshot
+from tests.browser import render
 from tests.server_process import running_server
 from tests.test_service_dense import build_dense_bundle
 from tests.test_service_fixtures import TinyBundle, encode, get_tiny_bundle, image_array, serve
@@ -105,12 +105,13 @@ def _crop_is_a_picture(shot: Image.Image, rect: str) -> None:
 
 
 def test_demo_renders_every_panel_in_headless_chromium(gallery_bundle: Path, tmp_path: Path) -> None:
-    url_args = "?example=1&mask_ratio=0.25"
+    done = "document.body.dataset.done"
     with running_server(gallery_bundle, tmp_path / "server.log") as server:
-        dom = dump_dom(f"{server.url}/{url_args}")
-        shot = screenshot(f"{server.url}/{url_args}", tmp_path / "demo.png", size=WINDOW)
+        page = render(f"{server.url}/?example=1&mask_ratio=0.25", done, size=WINDOW)
         # the same page at another mask ratio masks another number of patches
-        dom_75 = dump_dom(f"{server.url}/?example=1&mask_ratio=0.75")
+        dom_75 = render(f"{server.url}/?example=1&mask_ratio=0.75", done, size=WINDOW).dom
+    dom = page.dom
+    (tmp_path / "demo.png").write_bytes(page.png)
     assert 'data-done="1"' in dom, dom[-3000:]
     panels = _panels(dom)
     assert {p: panels[p]["state"] for p in PANELS} == dict.fromkeys(PANELS, "done"), (panels, dom[-3000:])
@@ -127,7 +128,7 @@ def test_demo_renders_every_panel_in_headless_chromium(gallery_bundle: Path, tmp
     scores = [float(s) for _, s in captions]
     assert scores == sorted(scores, reverse=True)
     assert 'class="legend"' in dom and "<li><span" in dom  # segmentation legend with class colours
-    image = Image.open(shot)
+    image = Image.open(tmp_path / "demo.png")
     assert image.size == WINDOW
     for panel in PANELS:
         _crop_is_a_picture(image, panels[panel]["rect"])
@@ -137,7 +138,7 @@ def test_demo_on_a_bundle_without_dense_heads_or_gallery(tiny_bundle: TinyBundle
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle.path, bundle)
     with running_server(bundle, tmp_path / "server.log") as server:
-        dom = dump_dom(f"{server.url}/?example=1")
+        dom = render(f"{server.url}/?example=1", "document.body.dataset.done").dom
     panels = _panels(dom)
     assert panels["reconstruct"]["state"] == "done" and panels["neighbours"]["state"] == "empty"
     assert panels["segment"]["state"] == "off" and panels["detect"]["state"] == "off"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import dump_dom
+from tests.browser import render
 from tests.server_process import running_server
 from tests.test_service_fixtures import TinyBundle, get_tiny_bundle, serve
 
@@ -59,8 +59,10 @@ def test_metrics_label_docs_and_openapi_by_route(client) -> None:
 
 def test_docs_render_operations_in_headless_chromium_offline(tiny_bundle: TinyBundle, tmp_path: Path) -> None:
     with running_server(tiny_bundle.path, tmp_path / "server.log") as server:
-        swagger = dump_dom(f"{server.url}/docs")
-        redoc = dump_dom(f"{server.url}/redoc")
+        swagger = render(
+            f"{server.url}/docs", "document.querySelector('.opblock-summary-path[data-path=\"/detect\"]')"
+        ).dom
+        redoc = render(f"{server.url}/redoc", "document.body.innerHTML.includes('operation/detect')").dom
     paths = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', swagger))
     assert {"/embed", "/reconstruct", "/segment", "/detect", "/v1/models"} <= paths, swagger[-2000:]
     operations = set(re.findall(r"operation/(\w+)", redoc))
