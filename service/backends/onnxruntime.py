@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,17 @@ from ..bundle import Bundle
 from .base import Backend, BackendUnavailable, clean_reason, missing_modules
 
 _logger = logging.getLogger("service")
+
+
+def _pinned_cpus() -> int:
+    """The CPUs this process may run on when fewer than the machine has (taskset, a container's cpuset),
+    else 0. ONNX Runtime sizes its default pool by the machine's cores: on one allowed core of two, its
+    two threads take turns on that core (batch-1 p50 11.2 ms vs 2.1 ms with one thread, one run here)."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return 0
+    return allowed if allowed < (os.cpu_count() or allowed) else 0
 
 
 class OnnxRuntimeBackend(Backend):
@@ -80,8 +92,9 @@ class OnnxRuntimeBackend(Backend):
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.options.threads:
-            opts.intra_op_num_threads = self.options.threads
+        threads = self.options.threads or _pinned_cpus()
+        if threads:
+            opts.intra_op_num_threads = threads
         # no busy-waiting between ops: the event loop and the decode threads share these cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # errors only: detect.onnx's mask-pasting loop logs a shape warning on every request otherwise
