@@ -1083,7 +1083,7 @@ class FinetuneClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         enc = self.encoder
-        x = enc.encode_tokens(enc.embed(images), None, final_norm=False)
+        x, _ = enc.forward_intermediates(enc.embed(images), None, final_norm=False)
         return self.head(enc.norm(x[:, 1:].mean(dim=1)))
 
 

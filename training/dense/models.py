@@ -101,17 +101,10 @@ class CAEPyramid(nn.Module):
         if x.dim() != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(f"expected images [B, C, {self.img_size}, {self.img_size}], got {tuple(x.shape)}")
         enc = self.encoder
-        t = enc.patch_embed(x)
-        pos = self.pos_embed.to(t.dtype)
-        h = torch.cat([enc.cls_token.expand(t.shape[0], -1, -1) + pos[:, :1], t + pos[:, 1:]], dim=1)
-        outs = []
-        for i, blk in enumerate(enc.blocks):
-            h = blk(h)
-            if i in self.out_indices:
-                outs.append(h[:, 1:])
-            if i == self.out_indices[-1]:
-                break
-        return outs
+        _, inter = enc.forward_intermediates(
+            enc.patch_embed(x), None, self.out_indices, final_norm=False, pos_embed=self.pos_embed, stop_early=True
+        )
+        return [h[:, 1:] for h in inter]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         b = x.shape[0]

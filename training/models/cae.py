@@ -257,15 +257,22 @@ class Encoder(nn.Module):
         return self.forward_intermediates(tokens, idx, final_norm=final_norm)[0]
 
     def forward_intermediates(
-        self, tokens: Tensor, idx: Tensor | None = None, indices: Sequence[int] = (), final_norm: bool = True
+        self,
+        tokens: Tensor,
+        idx: Tensor | None = None,
+        indices: Sequence[int] = (),
+        final_norm: bool = True,
+        pos_embed: Tensor | None = None,
+        stop_early: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
-        """As timm's ``forward_intermediates``: the output of the last block (after the final norm unless
-        ``final_norm=False``) and the pre-norm outputs of the blocks listed in ``indices`` (0-based,
-        negative from the end), in block order."""
+        """As timm's ``forward_intermediates``: the output of the last block run (after the final norm
+        unless ``final_norm=False``) and the pre-norm outputs of the blocks listed in ``indices`` (0-based,
+        negative from the end), in block order. ``pos_embed``: another position table [1, 1+N, D] (dense
+        heads at another input size); ``stop_early``: skip the blocks after the last one asked for."""
         b = tokens.shape[0]
         want = {i % len(self.blocks) for i in indices}
         inter: list[Tensor] = []
-        pos = self.pos_embed.to(tokens.dtype)
+        pos = (self.pos_embed if pos_embed is None else pos_embed).to(tokens.dtype)
         if idx is None:
             x, pos_patches = tokens, pos[:, 1:]
         else:
@@ -279,6 +286,8 @@ class Encoder(nn.Module):
                 x = blk(x)
             if i in want:
                 inter.append(x)
+                if stop_early and len(inter) == len(want):
+                    break
         return (self.norm(x) if final_norm else x), inter
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
