@@ -125,3 +125,16 @@ def test_convert_sets_the_readout_and_keeps_our_metadata(tmp_path: Path) -> None
     assert E.resolve_backbone(str(tmp_path / "b.safetensors")).readout == "last2"
     with pytest.raises(CheckpointError, match="lastN"):
         convert_checkpoint(src, tmp_path / "c.safetensors", readout="last3")  # the tiny model has 2 blocks
+
+
+def test_feature_cache_ignores_metadata_but_not_weights(tmp_path: Path) -> None:
+    from training.models import CAE, convert_checkpoint
+
+    torch.manual_seed(0)
+    src = save_model(CAE(CAEConfig(**tiny_overrides())), tmp_path / "a.safetensors")
+    convert_checkpoint(src, tmp_path / "b.safetensors", readout="mean")
+    a, b = (E.resolve_backbone(str(tmp_path / n)) for n in ("a.safetensors", "b.safetensors"))
+    assert a.identity == b.identity  # same weights, other metadata: the cached features are valid
+    torch.manual_seed(1)
+    c = save_model(CAE(CAEConfig(**tiny_overrides())), tmp_path / "c.safetensors")
+    assert E.resolve_backbone(str(c)).identity != a.identity

@@ -284,6 +284,27 @@ def _file_sha256(path: Path) -> str:
     return _SHA_MEMO[key]
 
 
+def _weights_identity(path: Path, meta: dict[str, str]) -> str:
+    """What keys the feature cache for a checkpoint: for our safetensors files a digest of the weights and
+    the model config only (so that changing the metadata, e.g. the default readout, reuses the cached
+    features), else the file's sha256."""
+    if "config" not in meta:
+        return "sha256:" + _file_sha256(path)
+    st = path.stat()
+    key = (f"weights:{path.resolve()}", st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        from safetensors import safe_open
+
+        h = hashlib.sha256(meta["config"].encode())
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in sorted(f.keys()):  # noqa: SIM118 (safe_open has no iterator)
+                t = f.get_tensor(name).contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _SHA_MEMO[key] = h.hexdigest()
+    return "weights:" + _SHA_MEMO[key]
+
+
 def _stats_for(
     dataset: str, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> tuple[list[float], list[float]]:
@@ -371,7 +392,7 @@ def resolve_backbone(checkpoint: str, seed: int = 0) -> Backbone:
 
     return Backbone(
         spec=checkpoint,
-        identity="sha256:" + _file_sha256(path),
+        identity=_weights_identity(path, meta),
         cfg=cfg,
         preprocess=_preprocess_from_metadata(meta, cfg.img_size),
         build=build,
