@@ -15,6 +15,7 @@ from fastapi.routing import APIRoute
 
 from .backends import Backend
 from .errors import install_error_handlers
+from .fast import EmbedFastPath
 from .metrics import Metrics, MetricsMiddleware
 from .middleware import AdmissionMiddleware
 from .routers import ROUTERS
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     install_error_handlers(app, count_rejection)
     for router in ROUTERS:
         app.include_router(router)
+    # the common /embed call without FastAPI's per-request dependency solving (service/fast.py)
+    app.add_middleware(EmbedFastPath, runtime=runtime, on_reject=count_rejection)
     # added last = outermost: metrics see every response, including admission refusals
     app.add_middleware(
         AdmissionMiddleware,
