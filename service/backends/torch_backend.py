@@ -31,6 +31,7 @@ class TorchBackend(Backend):
         self._model: Any = None
         self._torch: Any = None
         self._output_names: dict[str, str] = {}
+        self._embed_outputs: list[str] = []
 
     @classmethod
     def probe(cls) -> str | None:
@@ -76,6 +77,7 @@ class TorchBackend(Backend):
             if t not in self.capabilities
         }
         self._output_names = {t: bundle.spec["tasks"][t]["outputs"][0]["name"] for t in self.capabilities}
+        self._embed_outputs = [o["name"] for o in bundle.spec["tasks"].get("embed", {}).get("outputs", [])][:2]
         self.precision = precision
         self.task_precision = dict.fromkeys(self.capabilities, precision)
 
@@ -98,7 +100,17 @@ class TorchBackend(Backend):
         return out.float().cpu().numpy()
 
     def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # embed and reconstruct have one output each; the multi-output heads are not in the checkpoint
+        # the multi-output heads are not in the checkpoint; embed graphs may also return block readouts
+        if task == "embed" and self._embed_outputs[1:]:
+            torch, model = self._torch, self._model
+            images = torch.from_numpy(inputs["images"]).to(self.device)
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device, dtype=dtype, enabled=self.precision == "bf16"),
+            ):
+                tokens, blocks = model.forward_embed(images)
+            return dict(zip(self._embed_outputs, (t.float().cpu().numpy() for t in (tokens, blocks)), strict=True))
         out = self.infer(task, inputs)
         return {self._output_names[task]: out}
 
