@@ -155,6 +155,15 @@ class FakeBackend(Backend):
             return np.zeros((n, 1 + b.image.num_patches, b.embed_dim), np.float32)
         return np.zeros((n, int(inputs["mask"][0].sum()), b.pred_dim), np.float32)
 
+    def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Graphs with several outputs (embed with block readouts): the first as ``infer`` (the same
+        recording, delay, hang and failure), the others zeros of the spec's shape."""
+        first = self.infer(task, inputs)
+        outs = self.bundle.spec["tasks"][task]["outputs"]
+        n = len(first)
+        rest = {o["name"]: np.zeros((n, *(int(d) for d in o["shape"][1:])), np.float32) for o in outs[1:]}
+        return {outs[0]["name"]: first, **rest}
+
 
 @contextmanager
 def serve(bundle_dir: Path, instance: Backend | None = None, **settings: Any) -> Iterator[Any]:
