@@ -119,7 +119,14 @@ class KnnParams(CommonParams):
 class LinearParams(CommonParams):
     feature: str | None = None  # as KnnParams.feature; cls is the official linear-probe feature
     baseline: bool = True  # also run the same protocol on raw pixels
-    budget_check: bool = True  # also train with twice the epochs: shows whether the probe has converged
+    budget_check: bool = True  # also train with twice the budget: shows whether the probe has converged
+    # lbfgs: multinomial logistic regression on standardized features (BN without affine, frozen at the
+    # train statistics), full batch, L-BFGS to convergence: a convex problem, so the result does not move
+    # with the budget. lars: the official recipe (BN + linear, LARS, epochs below), which on small data
+    # stops short of convergence (F-MNIST cls: 84.5 at 100 epochs, 85.3 at 200)
+    solver: str = "lbfgs"
+    max_iter: int = 500  # lbfgs iterations
+    l2: float = 1e-4  # lbfgs: L2 on the weights (on the mean loss), keeps the optimum finite
     epochs: int = 100
     batch_size: int = 1024
     # lr = base_lr x batch / 256 as officially, but base 1.0, not 0.1: LARS (trust 0.001) moves the weights
@@ -248,6 +255,8 @@ def _validate_params(p: CommonParams) -> None:
             parse_readout(feature, 10**6)  # the depth bound is checked once the checkpoint is known
         except ValueError:
             problems.append(f"feature must be cls, mean, cls+mean or lastN (e.g. last4), got {feature!r}")
+    if isinstance(p, LinearParams) and (p.solver not in ("lbfgs", "lars") or p.max_iter < 1 or p.l2 < 0):
+        problems.append(f"solver must be lbfgs or lars (got {p.solver!r}), max_iter >= 1, l2 >= 0")
     if isinstance(p, FinetuneParams) and not 0 < p.layer_decay <= 1:
         problems.append("layer_decay must be in (0, 1]")
     if problems:
@@ -934,8 +943,10 @@ class LinearProbe(nn.Module):
 def _run_linear(
     p: LinearParams, tr: _Split, te: _Split, nc: int, device: torch.device, seed: int
 ) -> dict[str, Any]:
-    """Linear probe on cached cls features (after the final norm). No augmentation: every epoch sees the
-    same evaluation-view features (the official probe uses RandomResizedCrop + flip)."""
+    """Linear probe on cached features. No augmentation: every epoch sees the same evaluation-view
+    features (the official probe uses RandomResizedCrop + flip)."""
+    if p.solver == "lbfgs":
+        return _run_logistic(p, tr, te, nc, device)
     torch.manual_seed(seed)
     x = torch.from_numpy(_vectors(tr, p.feature)).to(device)
     y = torch.from_numpy(np.asarray(tr.features["labels"])).to(device)
@@ -976,6 +987,35 @@ def _run_linear(
         scores = torch.cat([probe(xt[s : s + 4096]).float().cpu() for s in range(0, xt.shape[0], 4096)])
     c1, c5 = _topk_correct(scores, yt)
     return {"top1": _pct(c1, len(yt)), "top5": _pct(c5, len(yt)), "train_loss": round(loss_mean, 6), "lr": lr}
+
+
+def _run_logistic(p: LinearParams, tr: _Split, te: _Split, nc: int, device: torch.device) -> dict[str, Any]:
+    """Full-batch L-BFGS multinomial logistic regression on standardized features (deterministic)."""
+    x = torch.from_numpy(_vectors(tr, p.feature)).to(device, torch.float32)
+    y = torch.from_numpy(np.asarray(tr.features["labels"])).to(device)
+    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
+    x = (x - mean) / std
+    w = torch.zeros(x.shape[1], nc, device=device, requires_grad=True)
+    b = torch.zeros(nc, device=device, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=p.max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)  # fmt: skip
+    state = {"loss": 0.0, "evals": 0}
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * p.l2 * (w * w).sum()
+        loss.backward()
+        state["loss"], state["evals"] = float(loss.detach()), state["evals"] + 1
+        return loss
+
+    opt.step(closure)
+    _logger.info("logistic regression: %d evaluations, loss %.5f", state["evals"], state["loss"])
+    xt = (torch.from_numpy(_vectors(te, p.feature)).to(device, torch.float32) - mean) / std
+    yt = torch.from_numpy(np.asarray(te.features["labels"]))
+    with torch.no_grad():
+        scores = (xt @ w + b).float().cpu()
+    c1, c5 = _topk_correct(scores, yt)
+    return {"top1": _pct(c1, len(yt)), "top5": _pct(c5, len(yt)), "train_loss": round(state["loss"], 6), "lr": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------- attentive
@@ -1365,9 +1405,12 @@ def _dispatch(
 
     res = head(params, tr, te)
     if getattr(params, "budget_check", False):
-        doubled = dataclasses.replace(params, epochs=2 * params.epochs)  # type: ignore[call-arg]
+        more = {"epochs": 2 * params.epochs}  # type: ignore[attr-defined]
+        if hasattr(params, "max_iter"):
+            more["max_iter"] = 2 * params.max_iter
+        doubled = dataclasses.replace(params, **more)  # type: ignore[arg-type]
         res2 = head(doubled, tr, te)
-        res["budget_2x"] = {"epochs": doubled.epochs, "top1": res2["top1"], "top5": res2["top5"],
+        res["budget_2x"] = {**more, "top1": res2["top1"], "top5": res2["top5"],
                             "delta_top1": round(res2["top1"] - res["top1"], 4)}  # fmt: skip
     if getattr(params, "baseline", False):
         pix = pixel_backbone(backbone)
