@@ -32,7 +32,7 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
         return None
     steps = [r["step"] for r in train]
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "loss_main", "loss_align"):
+    for key in ("loss", "loss_main", "loss_align", "loss_instance"):
         if key in train[0]:
             ax.plot(steps, [r[key] for r in train], label=key)
     ax.set_xlabel("step")
