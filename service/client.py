@@ -261,15 +261,17 @@ class CAEClient:
         self,
         images: ImageInput | Sequence[ImageInput],
         *,
-        pooling: Literal["cls", "mean", "none"] = "cls",
+        pooling: str | None = None,
         normalize: bool = False,
         dtype: Literal["float32", "float16"] = "float32",
     ) -> np.ndarray:
-        """Embeddings as ``.npy``: [n, D] pooled, [n, num_patches, D] with ``pooling="none"``."""
+        """Embeddings as ``.npy``: [n, F] pooled, [n, num_patches, D] with ``pooling="none"``. ``pooling``:
+        cls | mean | cls+mean | lastN | none; None: the model's default readout (``default_pooling``)."""
+        # only what differs from the server's defaults goes into the query (the common call stays plain)
         r = self._request(
             "POST",
             "/embed",
-            params=self._params(pooling=pooling, normalize=normalize, dtype=dtype),
+            params=self._params(pooling=pooling, normalize=normalize or None, dtype=None if dtype == "float32" else dtype),
             **self._merge_accept(self._body(self._many(images)), NPY),
         )
         return np.load(io.BytesIO(r.content), allow_pickle=False)

@@ -87,7 +87,7 @@ def local_ray():
 
 
 def _service_embeddings(paths: list[Path]) -> tuple[np.ndarray, str]:
-    """The service's /embed (defaults: cls pooling, not normalized) on ONNX Runtime fp32, via TestClient."""
+    """The service's /embed (defaults: the bundle's default pooling, not normalized) on ONNX Runtime fp32, via TestClient."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -126,7 +126,11 @@ def test_pipeline_end_to_end(src: Path, tmp_path: Path, local_ray) -> None:
     etype = table.schema.field("embedding").type
     assert pa.types.is_list(etype) and etype.value_type == pa.float32()
     emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
-    assert emb.shape == (N_FILES + N_TAR, 192) and np.isfinite(emb).all() and (np.abs(emb).sum(1) > 0).all()
+    spec = json.loads((BUNDLE / "spec.json").read_text())
+    pooling = spec["tasks"]["embed"].get("default_pooling", "cls")  # what /embed returns by default
+    width = 2 * int(pooling[4:]) if pooling.startswith("last") else 2 if pooling == "cls+mean" else 1
+    dim = spec["embed_dim"] * width
+    assert emb.shape == (N_FILES + N_TAR, dim) and np.isfinite(emb).all() and (np.abs(emb).sum(1) > 0).all()
     ids = dict(zip(paths, table.column("id").to_pylist(), strict=True))
     assert ids[f"shards/s0.tar/{N_FILES:06d}.png"] == f"{N_FILES:06d}"
 

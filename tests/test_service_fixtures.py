@@ -115,12 +115,20 @@ class SpyBackend(OnnxRuntimeBackend):
         self.lock = threading.Lock()
         self.armed = False  # warm-up runs at full speed and is not recorded
 
-    def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _record(self, task: str, inputs: dict[str, np.ndarray]) -> None:
         if self.armed:
             with self.lock:
                 self.calls.append((task, len(inputs["images"])))
             time.sleep(self.delay_s)
+
+    def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        self._record(task, inputs)
         return super().infer(task, inputs)
+
+    def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # multi-output graphs (embed with its block readouts) come through here
+        self._record(task, inputs)
+        return super().infer_outputs(task, inputs)
 
 
 class FakeBackend(Backend):
