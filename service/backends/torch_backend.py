@@ -81,7 +81,9 @@ class TorchBackend(Backend):
         self.precision = precision
         self.task_precision = dict.fromkeys(self.capabilities, precision)
 
-    def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, task: str, inputs: dict[str, np.ndarray], every_output: bool) -> list[np.ndarray]:
+        """The task's outputs in graph order: the first only, or all the checkpoint can give (embed: the
+        tokens and, when the bundle's graph has them, the block readouts)."""
         if task not in self.capabilities:
             raise BackendUnavailable(self.unavailable.get(task, f"the torch backend has no task {task}"))
         torch, model = self._torch, self._model
@@ -92,27 +94,22 @@ class TorchBackend(Backend):
             torch.autocast(self.device, dtype=dtype, enabled=self.precision == "bf16"),
         ):
             if task == "embed":
-                out = model.forward_features(images)
+                blocks = every_output and len(self._embed_outputs) > 1
+                outs = model.forward_embed(images) if blocks else (model.forward_features(images),)
             elif task == "reconstruct":
-                out = model(images, torch.from_numpy(inputs["mask"]).to(self.device)).pred
+                outs = (model(images, torch.from_numpy(inputs["mask"]).to(self.device)).pred,)
             else:
                 raise BackendUnavailable(f"the torch backend has no task {task}")
-        return out.float().cpu().numpy()
+        return [o.float().cpu().numpy() for o in outs]
+
+    def infer(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._run(task, inputs, every_output=False)[0]
 
     def infer_outputs(self, task: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # the multi-output heads are not in the checkpoint; embed graphs may also return block readouts
-        if task == "embed" and self._embed_outputs[1:]:
-            torch, model = self._torch, self._model
-            images = torch.from_numpy(inputs["images"]).to(self.device)
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-            with (
-                torch.inference_mode(),
-                torch.autocast(self.device, dtype=dtype, enabled=self.precision == "bf16"),
-            ):
-                tokens, blocks = model.forward_embed(images)
-            return dict(zip(self._embed_outputs, (t.float().cpu().numpy() for t in (tokens, blocks)), strict=True))
-        out = self.infer(task, inputs)
-        return {self._output_names[task]: out}
+        outs = self._run(task, inputs, every_output=True)
+        names = self._embed_outputs if task == "embed" and len(outs) > 1 else [self._output_names[task]]
+        return dict(zip(names, outs, strict=True))
 
     def close(self) -> None:
         self._model = None
