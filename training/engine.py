@@ -335,6 +335,8 @@ def train_one_epoch(
     model.train()
     if instance_head is not None:
         instance_head.train()
+    # what the gradient clip sees: the model and the instance head, listed once rather than every step
+    clipped = list(model.parameters()) + (list(instance_head.parameters()) if instance_head is not None else [])
     accum = cfg.optim.accum_iter
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -386,9 +388,8 @@ def train_one_epoch(
         if scaler is not None:
             scaler.unscale_(optimizer)
         clip = cfg.optim.clip_grad
-        params = list(model.parameters()) + (list(instance_head.parameters()) if instance_head is not None else [])
         grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+            torch.nn.utils.clip_grad_norm_(clipped, clip if clip else float("inf"))
             if clip or step % cfg.runtime.log_every == 0
             else None
         )
