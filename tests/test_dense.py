@@ -18,13 +18,13 @@ from training.dense.models import (
     CAEPyramid,
     CAESegmenter,
     build_mask_rcnn,
-    interpolate_pos_embed,
     pyramid_indices,
 )
 from training.dense.scenes import generate_scenes
 from training.dense.train import load_dense_config, load_dense_model, train_dense
 from training.evaluation import finetune_param_groups
 from training.models import create_model, save_model
+from training.models.layers import resample_abs_pos_embed as interpolate_pos_embed
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2,
             regressor_depth=1, decoder_depth=1, target="pixel")  # fmt: skip

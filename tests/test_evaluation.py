@@ -15,6 +15,7 @@ from PIL import Image
 from tests.conftest import REPO
 from training import evaluation as E
 from training.data import FMNIST_MEAN, IMAGENET_MEAN, EvalTransform, ImageFolderDataset, TransformedDataset
+from training.evaluation import features as eval_features
 from training.models import CAE, CAEConfig, save_model
 
 RESULT_KEYS = {
@@ -113,7 +114,7 @@ def test_cache_is_reused(assets: dict[str, Path], monkeypatch: pytest.MonkeyPatc
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(E, "extract_features", boom)
+    monkeypatch.setattr(eval_features, "extract_features", boom)
     again = _eval(assets, "linear", cache_dir=str(cache))
     assert again["features_cached"] is True
     assert again["top1"] == first["top1"] and again["train_loss"] == first["train_loss"]  # deterministic

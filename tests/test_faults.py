@@ -29,7 +29,8 @@ from service.bundle import BundleError, load_bundle
 from tests.conftest import REPO
 from tests.test_service_fixtures import FakeBackend, TinyBundle, get_tiny_bundle, png_bytes, serve
 from tests.test_training import TINY, tiny_cfg, train_losses
-from training.engine import CKPT_POINTER, find_resume_checkpoint, load_training_checkpoint, pretrain
+from training.checkpointing import CKPT_POINTER, find_resume_checkpoint, load_training_checkpoint
+from training.pretrain import pretrain
 
 RAW = {"content-type": "image/png"}
 

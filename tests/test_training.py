@@ -17,8 +17,9 @@ import torch
 
 from tests.conftest import REPO
 from training.config import ConfigError, list_presets, load_config
-from training.engine import lr_at, param_groups, pretrain
+from training.engine import lr_at, param_groups
 from training.models import create_model, load_model
+from training.pretrain import pretrain
 
 TINY = [
     "model.name=cae_tiny_patch16_224",
@@ -279,7 +280,7 @@ def test_dalle_target_without_weights_is_a_clear_error(tmp_path, image_folder):
 
 
 def test_checkpoint_pruning_keeps_epoch_ends(tmp_path):
-    from training.engine import _prune_checkpoints
+    from training.checkpointing import prune_checkpoints as _prune_checkpoints
 
     names = ["0000-000100", "0000-000234", "0001-000100", "0001-000234", "0002-000100", "0002-000200"]
     for n in names:

@@ -174,7 +174,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls`` from a nested mapping: unknown keys are errors, values are checked against the field types
+    (``where`` is the dotted path for messages)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -187,16 +189,17 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         tp = hints[name]
         key = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = build_dataclass(tp, value, key)
         else:
             kwargs[name] = _coerce(value, tp, key)
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``, mapping by mapping (neither is modified)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -218,11 +221,11 @@ def load_preset_dict(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = data.pop("base", None)  # presets may extend another preset
     if base:
-        data = _deep_merge(load_preset_dict(base), data)
+        data = deep_merge(load_preset_dict(base), data)
     return data
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def overrides_to_dict(items: list[str]) -> dict[str, Any]:
     """``["optim.lr=1e-3", "model.overrides.depth=6"]`` -> nested dict (values parsed as YAML)."""
     out: dict[str, Any] = {}
     for item in items:
@@ -243,14 +246,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def load_config(name_or_path: str | None, overrides: list[str] | None = None) -> PretrainConfig:
     data = load_preset_dict(name_or_path) if name_or_path else {}
-    data = _deep_merge(data, parse_overrides(overrides or []))
-    cfg = _build(PretrainConfig, data, "")
+    data = deep_merge(data, overrides_to_dict(overrides or []))
+    cfg = build_dataclass(PretrainConfig, data, "")
     validate(cfg)
     return cfg
-
-
-def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
-    return _build(PretrainConfig, data, "")
 
 
 def validate(cfg: PretrainConfig) -> None:

@@ -38,7 +38,7 @@ def _setup_logging() -> None:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from training.config import ConfigError, load_config
-    from training.engine import pretrain
+    from training.pretrain import pretrain
 
     try:
         cfg = load_config(args.config, args.set)

@@ -1,4 +1,4 @@
-"""Dense heads on the CAE encoder, as in the paper's downstream setups (spec §5.4-5.5).
+"""Dense heads on the CAE encoder, as in the paper's semantic-segmentation and detection setups.
 
 * :class:`CAEPyramid`: features of four encoder blocks (base: 3, 5, 7, 11; spread the same way for other
   depths) turned into a 4-level pyramid at strides patch/4, patch/2, patch, 2*patch (transposed convs x4
@@ -13,7 +13,6 @@ The encoder is the same :class:`training.models.cae.Encoder` that pretraining an
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.cae import Encoder
+from ..models.layers import resample_abs_pos_embed
 
 __all__ = [
     "CAEPyramid",
@@ -31,7 +31,6 @@ __all__ = [
     "CAESegmenter",
     "build_mask_rcnn",
     "pyramid_indices",
-    "interpolate_pos_embed",
 ]
 
 
@@ -44,21 +43,6 @@ def pyramid_indices(depth: int) -> list[int]:
     for i in range(1, 4):  # keep them strictly increasing for shallow encoders
         ids[i] = max(ids[i], ids[i - 1] + 1)
     return ids
-
-
-def interpolate_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int]) -> Tensor:
-    """[1, 1+h*w, D] -> [1, 1+H*W, D]: bicubic interpolation of the patch part, cls entry kept."""
-    n = pos_embed.shape[1] - 1
-    old = int(math.isqrt(n))
-    if old * old != n:
-        raise ValueError(f"position table of {n} patches is not square")
-    if (old, old) == tuple(new_grid):
-        return pos_embed.clone()
-    d = pos_embed.shape[-1]
-    grid = pos_embed[:, 1:].reshape(1, old, old, d).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], grid], dim=1)
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -81,8 +65,10 @@ class CAEPyramid(nn.Module):
             raise ValueError(f"the pyramid's max-pool level needs an even patch grid, got {self.grid} at {img_size} px")
         self.out_indices = out_indices or pyramid_indices(cfg.depth)
         d = cfg.embed_dim
-        # The dense task's own (interpolated) table, trained or not like the encoder's (a fixed buffer).
-        self.register_buffer("pos_embed", interpolate_pos_embed(encoder.pos_embed, self.grid), persistent=True)
+        # The dense task's own (interpolated) table, trained or not like the encoder's (a fixed buffer); a
+        # copy, never the encoder's tensor itself.
+        table = resample_abs_pos_embed(encoder.pos_embed, self.grid).clone()
+        self.register_buffer("pos_embed", table, persistent=True)
         self.fpn1 = nn.Sequential(
             nn.ConvTranspose2d(d, d, 2, 2), nn.BatchNorm2d(d), nn.GELU(), nn.ConvTranspose2d(d, d, 2, 2)
         )

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,11 +26,14 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config import CONFIG_DIR, ConfigError, _build, _deep_merge, load_preset_dict, parse_overrides
+from ..config import CONFIG_DIR, ConfigError, build_dataclass, deep_merge, load_preset_dict, overrides_to_dict
 from ..data import normalize, to_tensor
-from ..engine import _atomic_torch_save, _fmt_eta
-from ..evaluation import _autocast, _lr_at, finetune_param_groups
+from ..files import atomic_path, atomic_torch_save
 from ..models.cae import CAE, CAEConfig
+from ..optim import cosine_lr, finetune_param_groups
+from ..preprocess import Preprocessing, PreprocessingError
+from ..runtime import autocast, resolve_device, resolve_precision
+from ..tracking import MetricsWriter, fmt_eta
 from .models import CAEPyramid, CAESegmenter, build_mask_rcnn
 
 _logger = logging.getLogger("training.dense")
@@ -110,9 +112,9 @@ def load_dense_config(task: str, name_or_path: str | None, overrides: list[str] 
         if not path.is_file():
             raise ConfigError(f"no dense preset or file {name_or_path!r}; presets: {list_dense_presets()}")
         data = load_preset_dict(str(path))  # the pretraining presets' reader: YAML errors, `base:` merges
-    data = _deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, overrides_to_dict(overrides or []))
     data.setdefault("task", task)
-    cfg: DenseConfig = _build(DenseConfig, data, "")
+    cfg: DenseConfig = build_dataclass(DenseConfig, data, "")
     problems = []
     if cfg.task != task:
         problems.append(f"config task {cfg.task!r} but the command is {task!r}")
@@ -235,18 +237,10 @@ def build_dense_model(cfg: DenseConfig, num_classes: int, seed: int = 0) -> tupl
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _device(cfg: DenseConfig) -> torch.device:
-    from ..evaluation import EvalError, _resolve_device
-
     try:
-        return _resolve_device(cfg.runtime.device)
-    except EvalError as e:
+        return resolve_device(cfg.runtime.device)
+    except ValueError as e:
         raise ConfigError(f"runtime.device: {e}") from e
-
-
-def _amp(precision: str, device: torch.device) -> torch.dtype | None:
-    from ..evaluation import _resolve_precision
-
-    return _resolve_precision(precision, device)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -258,7 +252,7 @@ def evaluate_segmentation(model: CAESegmenter, loader: DataLoader, num_classes: 
     model.eval()
     meter = SegmentationMeter(num_classes)
     for x, y in loader:
-        with _autocast(device, _amp(precision, device)):
+        with autocast(device, resolve_precision(precision, device)):
             logits = model(x.to(device))
         meter.update(logits.argmax(1).cpu().numpy(), y.numpy())
     return meter.compute()
@@ -343,9 +337,8 @@ def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str
             tiles = [np.asarray(Image.fromarray(t).resize((t.shape[1] * scale, t.shape[0] * scale), Image.Resampling.NEAREST)) for t in tiles]
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=False) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -389,7 +382,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
     torch.manual_seed(cfg.runtime.seed)
     np.random.seed(cfg.runtime.seed)
     device = _device(cfg)
-    amp = _amp(cfg.runtime.precision, device)
+    amp = resolve_precision(cfg.runtime.precision, device)
     src_tr, src_va, classes = _datasets(cfg)
     num_classes = len(classes)
     model, pre, encoder_id, cae = build_dense_model(cfg, num_classes, seed=cfg.runtime.seed)
@@ -436,9 +429,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
         cfg.optim.epochs, steps, bs, cfg.optim.lr, cfg.optim.layer_decay, device,
     )  # fmt: skip
 
-    def log(rec: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+    log = MetricsWriter(out, enabled=True, tensorboard=False).write
 
     best: dict[str, Any] = {}
     t_start = time.perf_counter()
@@ -456,10 +447,10 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
         model.train()
         sums: dict[str, float] = {}
         for it, batch in enumerate(loader):
-            lr = _lr_at(epoch + it / steps, sched.lr, sched.epochs, sched.warmup_epochs, sched.min_lr)
+            lr = cosine_lr(epoch + it / steps, sched.lr, sched.epochs, sched.warmup_epochs, sched.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 if cfg.task == "segment":
                     x, y = batch
                     losses = model.loss(x.to(device), y.to(device))
@@ -488,7 +479,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                 _logger.info(
                     "%s epoch %d/%d step %d/%d %s lr %.3e %.1f img/s eta %s", cfg.task, epoch + 1, sched.epochs,
                     it + 1, steps, " ".join(f"{k} {v:.4f}" for k, v in terms.items()), lr, rate,
-                    _fmt_eta(((sched.epochs - start_epoch) * steps - done_steps) * bs / max(rate, 1e-9)),
+                    fmt_eta(((sched.epochs - start_epoch) * steps - done_steps) * bs / max(rate, 1e-9)),
                 )  # fmt: skip
                 log({"kind": "train", "epoch": epoch, "step": step, "lr": lr, "img_per_s": rate, **terms})
         log({"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * steps, **{k: v / steps for k, v in sums.items()}})
@@ -513,7 +504,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                          {k: v for k, v in res.items() if k != "per_class_iou"})  # fmt: skip
             log({"kind": "eval", "epoch": epoch, "step": (epoch + 1) * steps, **res})
             best = res
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "epochs": sched.epochs,
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "epochs": sched.epochs,
                       "generator": gen.get_state(), "config": json.dumps(cfg.to_dict())}, ck_path)  # fmt: skip
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         if last or (epoch + 1) % max(cfg.runtime.vis_every_epochs, 1) == 0:
@@ -552,9 +543,12 @@ def load_dense_model(path: str | Path) -> tuple[nn.Module, DenseConfig, dict[str
         raise ConfigError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("format") != "cae-dense":
         raise ConfigError(f"{path}: not a dense-head file written by `training/run.py segment|detect`")
-    cfg: DenseConfig = _build(DenseConfig, json.loads(meta["dense_config"]), "")
+    cfg: DenseConfig = build_dataclass(DenseConfig, json.loads(meta["dense_config"]), "")
     classes = json.loads(meta["classes"])
-    pre = json.loads(meta["preprocess"])
+    try:
+        pre = Preprocessing.from_metadata({"preprocess": meta["preprocess"]}).to_dict()
+    except PreprocessingError as e:
+        raise ConfigError(f"{path}: {e}") from e
     state = load_file(str(path))
     cae = CAE(CAEConfig.from_dict(json.loads(meta["encoder_config"])))
     model = assemble_dense_model(cfg, cae, len(classes))

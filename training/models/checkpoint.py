@@ -13,7 +13,6 @@ official size table (and can be given explicitly).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..files import atomic_path, sha256_file
 from .cae import CAE, CAEConfig
 from .registry import official_num_heads
 
@@ -39,6 +39,7 @@ __all__ = [
     "read_foreign_checkpoint",
     "read_metadata",
     "save_model",
+    "safe_globals",
     "sha256_file",
 ]
 
@@ -52,14 +53,6 @@ _LEGACY_PICKLE_PREFIX = b"\x80"  # torch's legacy (non-zip) format starts with a
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, or not one we know how to read. The message says which."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- ours
@@ -76,10 +69,9 @@ def save_model(model: CAE, path: str | Path, metadata: Mapping[str, str] | None 
         "config": json.dumps(model.cfg.to_dict(), sort_keys=True),
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.chmod(tmp, file_mode())  # safetensors writes 0600; a model file is as readable as its neighbours
-    tmp.replace(path)
+    with atomic_path(path, fsync=False) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+        os.chmod(tmp, file_mode())  # safetensors writes 0600; a model file is as readable as its neighbours
     return path
 
 
@@ -130,7 +122,7 @@ def _load_ours(path: Path, overrides: Mapping[str, Any]) -> CAE:
 
 
 # ---------------------------------------------------------------------------------------------- foreign
-def _safe_globals() -> list[Any]:
+def safe_globals() -> list[Any]:
     """The allow-list for ``torch.load(weights_only=True)``: plain data containers only."""
     import numpy as np
 
@@ -149,7 +141,7 @@ def read_foreign_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a ``.pth`` checkpoint without executing arbitrary pickled code."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for damaged or hostile files
         msg = str(e).split("\n")[0][:300]

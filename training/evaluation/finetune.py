@@ -1,0 +1,228 @@
+"""Full fine-tuning: the official classifier (pooled pre-norm patch tokens -> fc_norm -> head), layer-wise
+lr decay, drop path, relative position tables, light augmentation and optional mixup/cutmix."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .. import data as D
+from ..models.layers import relative_position_index
+from ..optim import cosine_lr, effective_warmup, finetune_param_groups
+from ..runtime import autocast
+from ..tracking import Progress
+from .backbone import Backbone
+from .common import pct, topk_correct
+from .features import DataSpec, count_classes, subset_indices
+from .params import EvalError, FinetuneParams
+
+__all__ = ["FinetuneClassifier", "run_finetune"]
+
+_logger = logging.getLogger("training.evaluation")
+
+
+class FinetuneClassifier(nn.Module):
+    """The official fine-tuning network: mean of the *pre-norm* patch tokens -> ``fc_norm`` (the
+    pretrained final norm, ``encoder.norm`` here) -> Linear head (init scaled by 0.001)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, init_scale: float = 0.001) -> None:
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.cfg.embed_dim
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(init_scale)
+            self.head.bias.mul_(init_scale)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.blocks)
+
+    def forward(self, images: Tensor) -> Tensor:
+        enc = self.encoder
+        x, _ = enc.forward_intermediates(enc.embed(images), None, final_norm=False)
+        return self.head(enc.norm(x[:, 1:].mean(dim=1)))
+
+
+def _set_drop_path(encoder: nn.Module, rate: float) -> None:
+    from timm.layers import DropPath
+
+    for blk, r in zip(encoder.blocks, torch.linspace(0, rate, len(encoder.blocks)).tolist(), strict=True):
+        blk.drop_path = DropPath(r) if r > 0 else nn.Identity()
+
+
+def _add_rel_pos_bias(encoder: nn.Module) -> int:
+    """Give every block the official zero-initialized relative position table (if it has none)."""
+    added = 0
+    grid = encoder.cfg.grid_size
+    for blk in encoder.blocks:
+        attn = blk.attn
+        if attn.relative_position_bias_table is not None:
+            continue
+        num_rel = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+        dev = attn.qkv.weight.device
+        attn.window_size = grid
+        attn.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, attn.num_heads, device=dev))
+        attn.register_buffer(
+            "relative_position_index", relative_position_index(grid).to(dev), persistent=False
+        )
+        added += 1
+    return added
+
+def _augment(
+    x: Tensor, y: Tensor, rng: np.random.Generator, p: FinetuneParams, fill: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Random crop with padding (pixel-0 fill) + horizontal flip, then optional batch mixup/cutmix.
+    Returns images and soft targets (label smoothing included)."""
+    b, _, h, w = x.shape
+    pad = p.crop_padding if p.crop_padding is not None else max(1, h // 8)
+    if pad > 0:
+        xp = fill.view(1, -1, 1, 1).expand(b, -1, h + 2 * pad, w + 2 * pad).clone()
+        xp[:, :, pad : pad + h, pad : pad + w] = x
+        oy = torch.from_numpy(rng.integers(0, 2 * pad + 1, b))
+        ox = torch.from_numpy(rng.integers(0, 2 * pad + 1, b))
+        rows = (oy[:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
+        cols = (ox[:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
+        x = xp[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    if p.hflip > 0:
+        flip = torch.from_numpy(rng.random(b) < p.hflip).view(b, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
+    off = p.label_smoothing / num_classes
+    target = torch.full((b, num_classes), off).scatter_(1, y[:, None], 1.0 - p.label_smoothing + off)
+    use_cutmix = p.cutmix > 0 and (p.mixup <= 0 or rng.random() < 0.5)  # timm's switch_prob 0.5
+    if use_cutmix:
+        lam = float(rng.beta(p.cutmix, p.cutmix))
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y0, y1, x0, x1 = (
+            max(cy - ch // 2, 0),
+            min(cy + ch // 2, h),
+            max(cx - cw // 2, 0),
+            min(cx + cw // 2, w),
+        )
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+        target = lam * target + (1.0 - lam) * target.flip(0)
+    elif p.mixup > 0:
+        lam = float(rng.beta(p.mixup, p.mixup))
+        x = lam * x + (1.0 - lam) * x.flip(0)
+        target = lam * target + (1.0 - lam) * target.flip(0)
+    return x, target
+
+
+def run_finetune(
+    p: FinetuneParams,
+    backbone: Backbone,
+    spec: DataSpec,
+    transform: D.EvalTransform,
+    preprocess: dict[str, Any],
+    device: torch.device,
+    amp: torch.dtype | None,
+    seed: int,
+) -> dict[str, Any]:
+    train_src, test_src = spec.source("train"), spec.source("test")
+    nc = count_classes(train_src, test_src, labels=[np.asarray(getattr(train_src, "labels", [0]))])
+    train_ds: Dataset = D.TransformedDataset(train_src, transform)
+    test_ds: Dataset = D.TransformedDataset(test_src, transform)
+    for name, limit in (("train", p.limit_train), ("test", p.limit_test)):
+        idx = subset_indices(len(train_ds if name == "train" else test_ds), limit)  # type: ignore[arg-type]
+        if idx is not None:
+            if name == "train":
+                train_ds = Subset(train_ds, idx.tolist())
+            else:
+                test_ds = Subset(test_ds, idx.tolist())
+    n_train, n_test = len(train_ds), len(test_ds)  # type: ignore[arg-type]
+
+    torch.manual_seed(seed)
+    encoder = backbone.model().encoder  # ours to modify: nothing else uses the backbone after this
+    _set_drop_path(encoder, p.drop_path)
+    added = _add_rel_pos_bias(encoder) if p.rel_pos_bias else 0
+    model = FinetuneClassifier(encoder, nc).to(device)
+    model.requires_grad_(True)
+    groups = finetune_param_groups(model, p.weight_decay, p.layer_decay)
+    opt = torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.999), eps=1e-8)
+    bs = min(p.batch_size, n_train)
+    steps = max(n_train // bs, 1)
+    warmup = effective_warmup(p.warmup_epochs, p.epochs)
+    fill = (-torch.tensor(preprocess["mean"]) / torch.tensor(preprocess["std"])).float()
+    _logger.info(
+        "fine-tuning %s: %d train / %d test images, %d classes, %d epochs x %d steps of %d, lr %.3g, "
+        "layer decay %.3g, drop path %.3g%s",
+        backbone.spec,
+        n_train,
+        n_test,
+        nc,
+        p.epochs,
+        steps,
+        bs,
+        p.lr,
+        p.layer_decay,
+        p.drop_path,
+        f", +rel-pos tables in {added} blocks" if added else "",
+    )
+    gen = torch.Generator().manual_seed(seed)
+    progress = Progress("finetune", p.epochs * steps, unit="step", logger=_logger)
+    loss_mean = 0.0
+    t_start = time.perf_counter()
+    for epoch in range(p.epochs):
+        model.train()
+        rng = np.random.default_rng([seed, epoch])
+        order = torch.randperm(n_train, generator=gen)[: steps * bs].tolist()
+        loader = DataLoader(Subset(train_ds, order), batch_size=bs, shuffle=False, num_workers=p.num_workers)
+        loss_sum, count = 0.0, 0
+        for it, (images, labels) in enumerate(loader):
+            lr = cosine_lr(epoch + it / steps, p.lr, p.epochs, warmup, p.min_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            images, target = _augment(images, torch.as_tensor(labels), rng, p, fill, nc)
+            images, target = images.to(device, non_blocking=True), target.to(device)
+            with autocast(device, amp):
+                logits = model(images)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            if not math.isfinite(float(loss.detach())):
+                raise EvalError(
+                    f"fine-tuning diverged (loss {float(loss)}) at epoch {epoch + 1} step {it}; lower lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum, count = loss_sum + float(loss.detach()), count + 1
+            done = epoch * steps + it + 1
+            if done % p.log_every == 0 or done == p.epochs * steps:
+                rate = done * bs / max(time.perf_counter() - t_start, 1e-9)
+                progress.update(
+                    done,
+                    extra=f"epoch {epoch + 1}/{p.epochs} loss {loss_sum / count:.4f} lr {lr:.3g} "
+                    f"{rate:.1f} img/s",
+                    force=True,
+                )
+        loss_mean = loss_sum / max(count, 1)
+    model.eval()
+    loader = DataLoader(test_ds, batch_size=p.extract_batch_size, shuffle=False, num_workers=p.num_workers)
+    c1 = c5 = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            with autocast(device, amp):
+                logits = model(images.to(device))
+            k1, k5 = topk_correct(logits.float().cpu(), torch.as_tensor(labels))
+            c1, c5 = c1 + k1, c5 + k5
+    return {
+        "top1": pct(c1, n_test),
+        "top5": pct(c5, n_test),
+        "train_loss": round(loss_mean, 6),
+        "n_train": n_train,
+        "n_test": n_test,
+        "num_classes": nc,
+    }
