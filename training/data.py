@@ -435,21 +435,6 @@ class PretrainShards(IterableDataset):
             yield self.inner.sample(img, key)
 
 
-class ArrayDataset(Dataset):
-    """In-memory uint8 images [N, H, W] or [N, H, W, 3] with labels, with a per-item transform."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable[[Image.Image], Tensor]) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        arr = self.images[i]
-        img = Image.fromarray(arr, mode="L").convert("RGB") if arr.ndim == 2 else Image.fromarray(arr, mode="RGB")
-        return self.transform(img), int(self.labels[i])
-
-
 class TransformedDataset(Dataset):
     """(PIL, label) source -> (tensor, label) through ``transform``."""
 

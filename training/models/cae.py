@@ -60,7 +60,7 @@ class CAEConfig:
     vocab_size: int = 8192
     norm_pix_loss: bool = True
     align_loss_weight: float = 2.0
-    # ablations (paper §4.4), beside the faithful path: recon_loss_weight 0 = alignment without
+    # the paper's ablations, beside the faithful path: recon_loss_weight 0 = alignment without
     # reconstruction; arch "mae" = no regressor/alignment split, mask tokens join the visible latents in
     # one decoder (MAE-style)
     recon_loss_weight: float = 1.0
@@ -412,11 +412,6 @@ class CAE(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """Names excluded from weight decay beyond the ndim<2 rule. Empty: the official recipe decays
-        ``encoder.cls_token`` and ``mask_token`` (its top model has no ``no_weight_decay``)."""
-        return set()
 
     # ------------------------------------------------------------------ stages
     def _project(self, x: Tensor) -> Tensor:

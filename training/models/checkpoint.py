@@ -194,7 +194,7 @@ def _sub_all(s: str, rules: list[tuple[str, str]]) -> str:
 
 
 def _from_mmpretrain(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """mmpretrain CAE (spec §6.3) -> official names."""
+    """mmpretrain CAE (``backbone.*``, ``neck.*``; the teacher and target generator dropped) -> official names."""
     out: dict[str, Tensor] = {}
     unknown = []
     for k, v in sd.items():
@@ -242,7 +242,7 @@ def _from_mmpretrain(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _from_encoder_only(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Official fine-tuned / linear-probe ViT keys (spec §6.2) -> ``encoder.*``."""
+    """Official fine-tuned / linear-probe ViT keys -> ``encoder.*``."""
     out: dict[str, Tensor] = {}
     has_fc_norm = any(k.startswith("fc_norm.") for k in sd)
     for k, v in sd.items():

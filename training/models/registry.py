@@ -1,7 +1,7 @@
 """Model registry: one small function per size, as timm and MAE do.
 
-Widths, depths and heads are the official ones (spec §1.10). The regressor and decoder use the official
-constructor defaults (Dd = D, depth 4/4, 12 heads, layer scale 0.1) except CAE-large, which is registered
+Widths, depths and heads are the official ones (Atten4Vis/CAE ``models/modeling_cae.py``). The regressor
+and decoder use the official constructor defaults (Dd = D, depth 4/4, 12 heads, layer scale 0.1) except CAE-large, which is registered
 as the authors actually ran it: Dd = 768 with the 1024 -> 768 projection (their script drops the
 ``--decoder_embed_dim 1024`` line), so released large checkpoints load into it unchanged.
 """

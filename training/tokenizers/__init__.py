@@ -1,4 +1,5 @@
-"""Visual tokenizers that produce CAE's token targets (spec §3).
+"""Visual tokenizers that produce CAE's token targets: the DALL-E dVAE (:mod:`.dvae`) and its weights
+converter (:mod:`.dalle`).
 
 Names are imported lazily (PEP 562) so that ``python -m training.tokenizers.dalle`` runs without the
 "found in sys.modules" warning and importing the package stays cheap.
@@ -10,7 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .dalle import (
+    from .dalle import convert_openai_encoder, load_encoder_state_dict
+    from .dvae import (
         LOGIT_LAPLACE_EPS,
         DalleConv2d,
         DalleEncoder,
@@ -20,9 +22,7 @@ if TYPE_CHECKING:
         DalleTokenizer,
         DalleWeightsError,
         UnsafePickleError,
-        convert_openai_encoder,
         infer_encoder_config,
-        load_encoder_state_dict,
         map_pixels,
     )
 
@@ -43,9 +43,13 @@ __all__ = [
 ]
 
 
+_CONVERTER = ("convert_openai_encoder", "load_encoder_state_dict")
+
+
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        return getattr(importlib.import_module(".dalle", __name__), name)
+        module = ".dalle" if name in _CONVERTER else ".dvae"
+        return getattr(importlib.import_module(module, __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
