@@ -1,0 +1,1 @@
+"""CAE pretraining, evaluation and dense heads: the torch side of the project."""

@@ -1,5 +1,7 @@
-"""Pretraining checkpoints: atomic ``checkpoint-E-S.pth`` files, the ``latest.json`` pointer, pruning,
-RNG state, and reading them back for ``--resume``."""
+"""Pretraining checkpoints: atomic writes, the ``latest.json`` pointer, pruning and reading for resume.
+
+A checkpoint ``checkpoint-E-S.pth`` holds the model, optimizer, scaler and RNG state at step S of epoch E.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The pretraining step loop: ``train_one_epoch`` (MAE's shape), the model and optimizer it steps, and the
-per-step lr. The driver around it (data, resume, checkpoints, final model) is :mod:`training.pretrain`.
+"""The pretraining step loop: ``train_one_epoch`` (MAE's shape), with the model, optimizer and lr it uses.
+
+The driver around it (data, resume, checkpoints, final model) is :mod:`training.pretrain`.
 
 One process, or many through ``torchrun`` (DDP, optionally FSDP). The global batch is
 ``optim.batch_size`` = world size x per-process batch x ``accum_iter``.

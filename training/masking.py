@@ -1,4 +1,4 @@
-"""Mask generators for CAE pretraining (spec section 2, official ``furnace/masking_generator.py``).
+"""Mask generators for CAE pretraining (as the official ``furnace/masking_generator.py``).
 
 Numpy only: these run inside data-loader workers, which should not pay for importing torch.
 

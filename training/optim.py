@@ -1,5 +1,4 @@
-"""What every loop optimizes with: the warmup + cosine lr, parameter groups (weight decay, layer-wise
-lr decay) and LARS."""
+"""What every loop optimizes with: the warmup + cosine lr, parameter groups and LARS."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""The pretraining driver: runtime and data set-up, resume, checkpoints at epoch ends and every N steps,
-PNGs, and the final ``model.safetensors``; each epoch is :func:`training.engine.train_one_epoch`."""
+"""The pretraining driver: set-up, resume, checkpoints, PNGs and the final ``model.safetensors``.
+
+Each epoch is :func:`training.engine.train_one_epoch`; checkpoints are written at epoch ends and every
+``runtime.save_every_steps``.
+"""
 
 from __future__ import annotations
 

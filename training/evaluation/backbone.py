@@ -1,5 +1,8 @@
-"""What is evaluated: a checkpoint file, a run directory or ``random:NAME`` resolved to a lazily built
-encoder with its cache identity and preprocessing, and the raw-pixel baseline."""
+"""What is evaluated: a checkpoint, run directory or ``random:NAME`` resolved to a lazily built encoder.
+
+Each :class:`Backbone` carries its feature-cache identity and preprocessing; :func:`pixel_backbone` is the
+raw-pixel baseline.
+"""
 
 from __future__ import annotations
 

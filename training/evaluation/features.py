@@ -1,5 +1,8 @@
-"""Frozen features: the evaluation datasets, one encoder pass per batch (every readout, optionally the
-token grid), and the on-disk cache keyed by weights, data, split, preprocessing, precision and subset."""
+"""Frozen features: the evaluation datasets, their extraction and the on-disk feature cache.
+
+One encoder pass per batch gives every readout (and optionally the token grid); cache entries are keyed by
+weights, data, split, preprocessing, precision and subset.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""Full fine-tuning: the official classifier (pooled pre-norm patch tokens -> fc_norm -> head), layer-wise
-lr decay, drop path, relative position tables, light augmentation and optional mixup/cutmix."""
+"""The fine-tuning protocol: the official classifier trained end to end with layer-wise lr decay.
+
+The classifier pools the pre-norm patch tokens -> fc_norm -> head; training adds drop path, relative position
+tables, light augmentation and optional mixup/cutmix.
+"""
 
 from __future__ import annotations
 

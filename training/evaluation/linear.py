@@ -1,5 +1,7 @@
-"""The linear probe on cached features: L-BFGS logistic regression (default) or the official BN + linear
-head trained with LARS. No augmentation: every epoch sees the same evaluation-view features."""
+"""The linear-probe protocol on cached features: L-BFGS logistic regression, or BN + linear with LARS.
+
+No augmentation: every epoch sees the same evaluation-view features.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""``run_eval``: one protocol end to end (parameters, dataset, device, backbone, cached features, head,
-the budget check and the raw-pixel baseline) and its JSON-serializable result."""
+"""``run_eval``: one protocol end to end, from its parameters to a JSON-serializable result.
+
+Parameters, dataset, device, backbone, cached features, the head, the budget check and the raw-pixel
+baseline, in that order.
+"""
 
 from __future__ import annotations
 

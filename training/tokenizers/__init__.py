@@ -1,5 +1,4 @@
-"""Visual tokenizers that produce CAE's token targets: the DALL-E dVAE (:mod:`.dvae`) and its weights
-converter (:mod:`.dalle`).
+"""Visual tokenizers for CAE's token targets: the DALL-E dVAE (:mod:`.dvae`), its converter (:mod:`.dalle`).
 
 Names are imported lazily (PEP 562) so that ``python -m training.tokenizers.dalle`` runs without the
 "found in sys.modules" warning and importing the package stays cheap.
