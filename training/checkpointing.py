@@ -91,7 +91,9 @@ def save_checkpoint(
         obj["instance_head"] = {k: v.detach().cpu() for k, v in instance_head.state_dict().items()}
     # the previous checkpoint and latest.json stay untouched when a write fails (e.g. a full disk)
     atomic_torch_save(obj, path)
-    write_json_atomic(out_dir / CKPT_POINTER, {"checkpoint": name, "epoch": epoch, "step_in_epoch": step_in_epoch})
+    write_json_atomic(
+        out_dir / CKPT_POINTER, {"checkpoint": name, "epoch": epoch, "step_in_epoch": step_in_epoch}
+    )
     prune_checkpoints(out_dir, steps_per_epoch, keep_last)
     return path
 
@@ -114,7 +116,9 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"{path}: cannot read training checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        raise ConfigError(
+            f"{path}: cannot read training checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
 
 
 def find_resume_checkpoint(out_dir: Path) -> Path | None:

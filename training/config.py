@@ -258,7 +258,9 @@ def validate(cfg: PretrainConfig) -> None:
     if o.epochs < 1:
         problems.append(f"optim.epochs must be >= 1, got {o.epochs}")
     if o.batch_size < 1 or o.accum_iter < 1 or o.batch_size % o.accum_iter:
-        problems.append(f"optim.batch_size {o.batch_size} must be a positive multiple of accum_iter {o.accum_iter}")
+        problems.append(
+            f"optim.batch_size {o.batch_size} must be a positive multiple of accum_iter {o.accum_iter}"
+        )
     if not 0 < o.lr < 1 or o.min_lr < 0 or o.min_lr > o.lr:
         problems.append(f"need 0 <= min_lr <= lr < 1, got lr={o.lr} min_lr={o.min_lr}")
     if not 0 < d.mask_ratio < 1:
@@ -276,8 +278,10 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.instance.temperature <= 0:
         problems.append(f"instance.temperature must be > 0, got {cfg.instance.temperature}")
     if not 0 <= d.zoom_out_prob <= 1 or not 0 < d.zoom_out[0] <= d.zoom_out[1] <= 1:
-        problems.append(f"need 0 <= data.zoom_out_prob <= 1 and 0 < zoom_out[0] <= zoom_out[1] <= 1, got "
-                        f"{d.zoom_out_prob} and {list(d.zoom_out)}")
+        problems.append(
+            f"need 0 <= data.zoom_out_prob <= 1 and 0 < zoom_out[0] <= zoom_out[1] <= 1, got "
+            f"{d.zoom_out_prob} and {list(d.zoom_out)}"
+        )
     if d.jitter < 0 or d.jitter >= 1:
         problems.append(f"data.jitter must be in [0, 1), got {d.jitter}")
     if r.keep_last < 1:

@@ -37,8 +37,17 @@ FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FMNIST_STD = (0.3530, 0.3530, 0.3530)
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -46,7 +55,8 @@ def normalization_for(
     dataset: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std for a dataset spec: explicit values win, else Fashion-MNIST's statistics for
-    ``fashion-mnist``, else ImageNet's (the official recipes). The one rule training, eval and export share."""
+    ``fashion-mnist``, else ImageNet's (the official recipes). The one rule training, eval and export
+    share."""
     fm = dataset.startswith("fashion-mnist")
     return (
         tuple(mean) if mean else (FMNIST_MEAN if fm else IMAGENET_MEAN),
@@ -92,7 +102,11 @@ class FashionMNIST(Dataset):
         prefix = "train" if split == "train" else "t10k"
 
         def find(stem: str) -> Path:
-            for name in (f"{prefix}-{stem}-ubyte.gz", f"{prefix}-{stem}-ubyte", f"{prefix}-{stem}.idx3-ubyte"):
+            for name in (
+                f"{prefix}-{stem}-ubyte.gz",
+                f"{prefix}-{stem}-ubyte",
+                f"{prefix}-{stem}.idx3-ubyte",
+            ):
                 if (root / name).exists():
                     return root / name
             raise DataError(f"{root}: no {prefix}-{stem}-ubyte[.gz] (install dataset-fashion-mnist)")
@@ -152,7 +166,12 @@ class WebDatasetShards(IterableDataset):
     """
 
     def __init__(
-        self, shards: Sequence[str | Path] | str, rank: int = 0, world: int = 1, shuffle_buffer: int = 1000, seed: int = 0
+        self,
+        shards: Sequence[str | Path] | str,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
     ) -> None:
         if isinstance(shards, str):
             shards = expand_shards(shards)
@@ -236,7 +255,9 @@ class ShiftedDataset(Dataset):
         side = max(1, int(round(min(img.size) * rng.uniform(*self.scale))))
         inner = img.resize((side, side), Image.Resampling.BICUBIC)
         canvas = Image.new(img.mode, img.size, img.getpixel((0, 0)))
-        canvas.paste(inner, (int(rng.integers(0, img.width - side + 1)), int(rng.integers(0, img.height - side + 1))))
+        canvas.paste(
+            inner, (int(rng.integers(0, img.width - side + 1)), int(rng.integers(0, img.height - side + 1)))
+        )
         return canvas, label
 
 
@@ -318,18 +339,26 @@ class PretrainTransform:
     def __init__(self, cfg: TransformConfig) -> None:
         self.cfg = cfg
 
-    def _geometry(self, img: Image.Image, rng: np.random.Generator) -> tuple[bool, tuple[int, int, int, int], Any]:
+    def _geometry(
+        self, img: Image.Image, rng: np.random.Generator
+    ) -> tuple[bool, tuple[int, int, int, int], Any]:
         c = self.cfg
         flip = bool(rng.random() < c.hflip)
         top, left, ch, cw = random_resized_crop_box(img.width, img.height, c.scale, c.ratio, rng)
         paste = None
         if c.zoom_out_prob > 0 and rng.random() < c.zoom_out_prob:
             frac = float(rng.uniform(*c.zoom_out))
-            paste = (frac, float(rng.random()), float(rng.random()))  # side fraction, x and y position in [0, 1]
+            paste = (
+                frac,
+                float(rng.random()),
+                float(rng.random()),
+            )  # side fraction, x and y position in [0, 1]
         return flip, (left, top, left + cw, top + ch), paste
 
     @staticmethod
-    def _render(img: Image.Image, size: int, box: tuple[int, int, int, int], paste: Any, resample: Any) -> Image.Image:
+    def _render(
+        img: Image.Image, size: int, box: tuple[int, int, int, int], paste: Any, resample: Any
+    ) -> Image.Image:
         if paste is None:
             return img.resize((size, size), resample, box=box)
         frac, px, py = paste
@@ -370,7 +399,9 @@ class PretrainTransform:
 class EvalTransform:
     """Resize (shorter side to img_size / crop_pct, bicubic) + center crop + mean/std."""
 
-    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0) -> None:
+    def __init__(
+        self, img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0
+    ) -> None:
         self.img_size, self.mean, self.std, self.crop_pct = img_size, mean, std, crop_pct
 
     def __call__(self, img: Image.Image) -> Tensor:
@@ -398,7 +429,11 @@ class PretrainDataset(Dataset):
     ) -> None:
         self.source, self.transform, self.seed = source, transform, seed
         self.mask_gen = build_mask_generator(
-            mask_kind, grid, num_masking_patches=num_masking_patches, min_num_patches=min_num_patches, seed=seed
+            mask_kind,
+            grid,
+            num_masking_patches=num_masking_patches,
+            min_num_patches=min_num_patches,
+            seed=seed,
         )
         self.epoch = 0
 

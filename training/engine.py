@@ -58,8 +58,12 @@ def build_model(cfg: PretrainConfig) -> CAE:
         except (CheckpointError, OSError) as e:
             raise ConfigError(f"model.init_from: {e}") from e
         if src.cfg.to_dict() | {"extra": None} != model.cfg.to_dict() | {"extra": None}:
-            diff = sorted(k for k, v in model.cfg.to_dict().items() if src.cfg.to_dict().get(k) != v and k != "extra")
-            raise ConfigError(f"model.init_from {cfg.model.init_from}: architecture differs from the config in {diff}")
+            diff = sorted(
+                k for k, v in model.cfg.to_dict().items() if src.cfg.to_dict().get(k) != v and k != "extra"
+            )
+            raise ConfigError(
+                f"model.init_from {cfg.model.init_from}: architecture differs from the config in {diff}"
+            )
         model.load_state_dict(src.state_dict())
         _logger.info("initialized from %s", cfg.model.init_from)
     return model
@@ -135,7 +139,9 @@ def train_one_epoch(
     if instance_head is not None:
         instance_head.train()
     # what the gradient clip sees: the model and the instance head, listed once rather than every step
-    clipped = list(model.parameters()) + (list(instance_head.parameters()) if instance_head is not None else [])
+    clipped = list(model.parameters()) + (
+        list(instance_head.parameters()) if instance_head is not None else []
+    )
     accum = cfg.optim.accum_iter
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -219,9 +225,15 @@ def train_one_epoch(
                 terms = " ".join(f"{k} {rec[k]:.4f}" for k in losses)
                 _logger.info(
                     "epoch %d/%d step %d/%d %s lr %.3e %.1f img/s eta %s",
-                    epoch + 1, cfg.optim.epochs, step, steps_per_epoch, terms, lr, rate,
+                    epoch + 1,
+                    cfg.optim.epochs,
+                    step,
+                    steps_per_epoch,
+                    terms,
+                    lr,
+                    rate,
                     fmt_eta(remaining * cfg.optim.batch_size / max(rate, 1e-9)),
-                )  # fmt: skip
+                )
             if writer is not None:
                 writer.write(rec)
         if on_step is not None:

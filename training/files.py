@@ -43,7 +43,9 @@ def atomic_path(path: Path, *, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: Path, write: Callable[[IO[Any]], None], *, text: bool = False, fsync: bool = True) -> None:
+def atomic_write(
+    path: Path, write: Callable[[IO[Any]], None], *, text: bool = False, fsync: bool = True
+) -> None:
     """Write ``path`` atomically through ``write(file)`` (see :func:`atomic_path`)."""
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "w" if text else "wb") as f:
         write(f)

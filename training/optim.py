@@ -23,9 +23,16 @@ _logger = logging.getLogger("training")
 
 
 def cosine_lr(
-    t: float, base_lr: float, total: float, warmup: float, min_lr: float = 0.0, *, warmup_to_last_step: bool = False
+    t: float,
+    base_lr: float,
+    total: float,
+    warmup: float,
+    min_lr: float = 0.0,
+    *,
+    warmup_to_last_step: bool = False,
 ) -> float:
-    """The per-step lr: a linear warmup from 0, then a half cosine from ``base_lr`` to ``min_lr`` at ``total``.
+    """The per-step lr: a linear warmup from 0, then a half cosine from ``base_lr`` to ``min_lr`` at
+    ``total``.
 
     ``t``, ``total`` and ``warmup`` share one unit: integer steps, or fractional epochs
     (``epoch + it / steps``). ``warmup_to_last_step``: the ramp reaches ``base_lr`` at the last warmup step,
@@ -50,7 +57,8 @@ def effective_warmup(warmup: float, epochs: int) -> float:
 
 def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = True) -> list[dict[str, Any]]:
     """Pretraining groups: decay on tensors with ndim >= 2 (the official rule, which includes the cls and
-    mask tokens); ``decay_tokens=False`` exempts the tokens as mmpretrain does. Frozen tensors are left out."""
+    mask tokens); ``decay_tokens=False`` exempts the tokens as mmpretrain does. Frozen tensors are left
+    out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

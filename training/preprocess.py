@@ -34,7 +34,9 @@ class Preprocessing:
     color: str = "rgb"
     dataset: str | None = None
     class_names: list[str] | None = None
-    source: str = "metadata.preprocess"  # metadata.preprocess | metadata.run_config | preset NAME | imagenet-default
+    source: str = (
+        "metadata.preprocess"  # metadata.preprocess | metadata.run_config | preset NAME | imagenet-default
+    )
 
     @classmethod
     def for_dataset(
@@ -45,7 +47,7 @@ class Preprocessing:
         std: Any = None,
         source: str = "imagenet-default",
     ) -> Preprocessing:
-        """The statistics of a dataset spec (explicit ``mean``/``std`` win; see ``data.normalization_for``)."""
+        """The statistics of a dataset spec; explicit ``mean``/``std`` win (``data.normalization_for``)."""
         m, s = D.normalization_for(dataset, mean, std)
         return cls(
             img_size=img_size,
@@ -58,15 +60,17 @@ class Preprocessing:
 
     def to_metadata(self) -> str:
         """The ``preprocess`` header entry of a pretrained model file."""
-        return json.dumps({
-            "img_size": self.img_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "color": self.color,
-            "dataset": self.dataset,
-            "class_names": self.class_names,
-        })  # fmt: skip
+        return json.dumps(
+            {
+                "img_size": self.img_size,
+                "mean": list(self.mean),
+                "std": list(self.std),
+                "interpolation": self.interpolation,
+                "color": self.color,
+                "dataset": self.dataset,
+                "class_names": self.class_names,
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """What evaluation and the dense heads record: size, normalization, resizing and source."""
@@ -100,7 +104,9 @@ class Preprocessing:
                 raise PreprocessingError(f"unreadable 'preprocess' metadata in the checkpoint ({e})") from e
             if pre.get("img_size") not in (None, size):
                 _logger.warning(
-                    "preprocess img_size %s differs from the model's %d; using the model's", pre["img_size"], size
+                    "preprocess img_size %s differs from the model's %d; using the model's",
+                    pre["img_size"],
+                    size,
                 )
             return out
         if img_size is None:
@@ -109,7 +115,11 @@ class Preprocessing:
             try:
                 data = json.loads(meta["run_config"]).get("data", {})
                 return cls.for_dataset(
-                    str(data.get("dataset", "")), img_size, data.get("mean"), data.get("std"), "metadata.run_config"
+                    str(data.get("dataset", "")),
+                    img_size,
+                    data.get("mean"),
+                    data.get("std"),
+                    "metadata.run_config",
                 )
             except (json.JSONDecodeError, AttributeError, TypeError) as e:
                 raise PreprocessingError(f"unreadable 'run_config' metadata in the checkpoint ({e})") from e

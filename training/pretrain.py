@@ -41,7 +41,9 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Any, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -55,7 +57,9 @@ class ResumableSampler(DistributedSampler):
 def preprocess_spec(cfg: PretrainConfig, model: CAE) -> Preprocessing:
     """How images must be prepared for this encoder (saved in the model file, read by eval and export)."""
     d = cfg.data
-    return Preprocessing.for_dataset(d.dataset, model.cfg.img_size, d.mean, d.std, source="metadata.preprocess")
+    return Preprocessing.for_dataset(
+        d.dataset, model.cfg.img_size, d.mean, d.std, source="metadata.preprocess"
+    )
 
 
 def build_pretrain_data(cfg: PretrainConfig, model: CAE, rt: Runtime) -> tuple[Any, DataLoader, int]:
@@ -79,7 +83,8 @@ def build_pretrain_data(cfg: PretrainConfig, model: CAE, rt: Runtime) -> tuple[A
     per_rank = cfg.optim.batch_size // (rt.world * cfg.optim.accum_iter)
     if per_rank < 1 or per_rank * rt.world * cfg.optim.accum_iter != cfg.optim.batch_size:
         raise ConfigError(
-            f"optim.batch_size {cfg.optim.batch_size} is not divisible by world {rt.world} x accum {cfg.optim.accum_iter}"
+            f"optim.batch_size {cfg.optim.batch_size} is not divisible by "
+            f"world {rt.world} x accum {cfg.optim.accum_iter}"
         )
     kind, _, arg = d.dataset.partition(":")
     loader_gen = torch.Generator().manual_seed(cfg.runtime.seed)  # keeps loaders off the global RNG
@@ -94,9 +99,17 @@ def build_pretrain_data(cfg: PretrainConfig, model: CAE, rt: Runtime) -> tuple[A
     if kind == "webdataset":
         if not d.epoch_size:
             raise ConfigError("webdataset needs data.epoch_size (samples per epoch)")
-        shards = D.WebDatasetShards(arg, rank=rt.rank, world=rt.world, shuffle_buffer=d.shuffle_buffer, seed=cfg.runtime.seed)
+        shards = D.WebDatasetShards(
+            arg, rank=rt.rank, world=rt.world, shuffle_buffer=d.shuffle_buffer, seed=cfg.runtime.seed
+        )
         inner = D.PretrainDataset(
-            [], D.PretrainTransform(tcfg), d.mask, mc.grid_size, num_mask, d.min_mask_patches_per_block, cfg.runtime.seed
+            [],
+            D.PretrainTransform(tcfg),
+            d.mask,
+            mc.grid_size,
+            num_mask,
+            d.min_mask_patches_per_block,
+            cfg.runtime.seed,
         )
         ds = D.PretrainShards(shards, inner)
         loader = DataLoader(ds, **common)
@@ -106,7 +119,13 @@ def build_pretrain_data(cfg: PretrainConfig, model: CAE, rt: Runtime) -> tuple[A
         if d.limit:
             source = torch.utils.data.Subset(source, range(min(d.limit, len(source))))
         ds = D.PretrainDataset(
-            source, D.PretrainTransform(tcfg), d.mask, mc.grid_size, num_mask, d.min_mask_patches_per_block, cfg.runtime.seed
+            source,
+            D.PretrainTransform(tcfg),
+            d.mask,
+            mc.grid_size,
+            num_mask,
+            d.min_mask_patches_per_block,
+            cfg.runtime.seed,
         )
         sampler = ResumableSampler(ds, rt.world, rt.rank, cfg.runtime.seed)
         loader = DataLoader(ds, sampler=sampler, **common)
@@ -129,8 +148,12 @@ def wrap_model(model: CAE, cfg: PretrainConfig, rt: Runtime) -> nn.Module:
             from .models.layers import Block, RegressorBlock
 
             policy = partial(transformer_auto_wrap_policy, transformer_layer_cls={Block, RegressorBlock})
-            wrapped = FSDP(model, auto_wrap_policy=policy, device_id=rt.device if rt.device.type == "cuda" else None,
-                           use_orig_params=True)  # fmt: skip
+            wrapped = FSDP(
+                model,
+                auto_wrap_policy=policy,
+                device_id=rt.device if rt.device.type == "cuda" else None,
+                use_orig_params=True,
+            )
         else:
             ids = [rt.local_rank] if rt.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -173,10 +196,14 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
     instance_head = None
     if cfg.instance.kind != "none":
         if rt.distributed:
-            raise ConfigError("instance.kind=contrastive runs in one process only (its head is not wrapped in DDP)")
+            raise ConfigError(
+                "instance.kind=contrastive runs in one process only (its head is not wrapped in DDP)"
+            )
         from .instance import ProjectionHead
 
-        instance_head = ProjectionHead(model.embed_dim, cfg.instance.hidden_dim, cfg.instance.proj_dim).to(rt.device)
+        instance_head = ProjectionHead(model.embed_dim, cfg.instance.hidden_dim, cfg.instance.proj_dim).to(
+            rt.device
+        )
     optimizer = build_optimizer(model, cfg, rt.device, extra=instance_head)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     writer = MetricsWriter(out_dir, rt.is_main, cfg.runtime.tensorboard)
@@ -192,7 +219,9 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
             optimizer.load_state_dict(ck["optimizer"])
             if instance_head is not None:
                 if "instance_head" not in ck:
-                    raise ConfigError(f"{ckpt_path}: no instance_head state, but instance.kind={cfg.instance.kind}")
+                    raise ConfigError(
+                        f"{ckpt_path}: no instance_head state, but instance.kind={cfg.instance.kind}"
+                    )
                 instance_head.load_state_dict(ck["instance_head"])
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
@@ -207,16 +236,33 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
     n_params = sum(p.numel() for p in model.parameters())
     if rt.is_main:
         _logger.info(
-            "pretraining %s (%.2fM params) on %s: world %d, %d steps/epoch x %d epochs, global batch %d, precision %s",
-            cfg.model.name, n_params / 1e6, rt.device, rt.world, steps_per_epoch, cfg.optim.epochs,
-            cfg.optim.batch_size, rt.amp_dtype or "fp32",
-        )  # fmt: skip
+            "pretraining %s (%.2fM params) on %s: world %d, %d steps/epoch x %d epochs, "
+            "global batch %d, precision %s",
+            cfg.model.name,
+            n_params / 1e6,
+            rt.device,
+            rt.world,
+            steps_per_epoch,
+            cfg.optim.epochs,
+            cfg.optim.batch_size,
+            rt.amp_dtype or "fp32",
+        )
 
     def on_step(epoch: int, step: int) -> None:
         every = cfg.runtime.save_every_steps
         if every and step % every == 0 and step < steps_per_epoch and rt.is_main:
-            save_checkpoint(out_dir, wrapped, optimizer, scaler, cfg, epoch, step, steps_per_epoch, cfg.runtime.keep_last,
-                            instance_head)  # fmt: skip
+            save_checkpoint(
+                out_dir,
+                wrapped,
+                optimizer,
+                scaler,
+                cfg,
+                epoch,
+                step,
+                steps_per_epoch,
+                cfg.runtime.keep_last,
+                instance_head,
+            )
 
     from .viz import plot_loss_curve, save_reconstruction_grid
 
@@ -227,39 +273,76 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler):
             sampler.set_epoch(epoch)
-            sampler.start = (start_step * loader.batch_size * cfg.optim.accum_iter) if epoch == start_epoch else 0
+            sampler.start = (
+                (start_step * loader.batch_size * cfg.optim.accum_iter) if epoch == start_epoch else 0
+            )
         # a fresh loader generator per epoch keeps worker seeds independent of history
         if hasattr(loader, "generator") and loader.generator is not None:
             loader.generator.manual_seed(cfg.runtime.seed * 100003 + epoch)
         t_epoch = time.perf_counter()
         stats = train_one_epoch(
-            wrapped, loader, optimizer, epoch, cfg, rt, steps_per_epoch,
+            wrapped,
+            loader,
+            optimizer,
+            epoch,
+            cfg,
+            rt,
+            steps_per_epoch,
             start_step=start_step if epoch == start_epoch else 0,
-            scaler=scaler, tokenizer=tokenizer, writer=writer, on_step=on_step, instance_head=instance_head,
-        )  # fmt: skip
+            scaler=scaler,
+            tokenizer=tokenizer,
+            writer=writer,
+            on_step=on_step,
+            instance_head=instance_head,
+        )
         done_steps = int(stats.pop("steps"))
         if rt.is_main:
-            writer.write({"kind": "epoch", "epoch": epoch, "step": epoch * steps_per_epoch + done_steps,
-                          "seconds": time.perf_counter() - t_epoch, **stats})  # fmt: skip
+            writer.write(
+                {
+                    "kind": "epoch",
+                    "epoch": epoch,
+                    "step": epoch * steps_per_epoch + done_steps,
+                    "seconds": time.perf_counter() - t_epoch,
+                    **stats,
+                }
+            )
         stopped_early = done_steps < steps_per_epoch
         last = epoch == cfg.optim.epochs - 1
         if rt.is_main and (stopped_early or last or (epoch + 1) % cfg.runtime.save_every_epochs == 0):
-            save_checkpoint(out_dir, wrapped, optimizer, scaler, cfg, epoch, done_steps, steps_per_epoch,
-                            cfg.runtime.keep_last, instance_head)  # fmt: skip
+            save_checkpoint(
+                out_dir,
+                wrapped,
+                optimizer,
+                scaler,
+                cfg,
+                epoch,
+                done_steps,
+                steps_per_epoch,
+                cfg.runtime.keep_last,
+                instance_head,
+            )
         if rt.is_main:
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-            if model.cfg.target == "pixel" and (last or (epoch + 1) % max(cfg.runtime.recon_every_epochs, 1) == 0):
-                save_reconstruction_grid(model, ds, out_dir / f"recon-{epoch:04d}.png", rt.device, rt.amp_dtype)
+            if model.cfg.target == "pixel" and (
+                last or (epoch + 1) % max(cfg.runtime.recon_every_epochs, 1) == 0
+            ):
+                save_reconstruction_grid(
+                    model, ds, out_dir / f"recon-{epoch:04d}.png", rt.device, rt.amp_dtype
+                )
         if stopped_early:
             break
     result: dict[str, Any] = {"epoch": epoch, **stats}
     if rt.is_main:
         final = out_dir / "model.safetensors"
-        save_model(model, final, metadata={
-            "run_config": json.dumps(cfg.to_dict()),
-            "epoch": str(epoch),
-            "preprocess": preprocess_spec(cfg, model).to_metadata(),
-        })  # fmt: skip
+        save_model(
+            model,
+            final,
+            metadata={
+                "run_config": json.dumps(cfg.to_dict()),
+                "epoch": str(epoch),
+                "preprocess": preprocess_spec(cfg, model).to_metadata(),
+            },
+        )
         shutil.copyfile(out_dir / "config.yaml", out_dir / "model.config.yaml")
         result["model"] = str(final)
         _logger.info("wrote %s", final)

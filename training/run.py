@@ -31,7 +31,8 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s" if "RANK" in os.environ
+        format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s"
+        if "RANK" in os.environ
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -105,8 +106,12 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     from training.dense.train import list_dense_presets, load_dense_config
 
     if not args.name:
-        lines = ["pretraining (pretrain --config NAME):", *(f"  {n}" for n in list_presets()),
-                 "dense heads (segment|detect --config NAME):", *(f"  {n}" for n in list_dense_presets())]  # fmt: skip
+        lines = [
+            "pretraining (pretrain --config NAME):",
+            *(f"  {n}" for n in list_presets()),
+            "dense heads (segment|detect --config NAME):",
+            *(f"  {n}" for n in list_dense_presets()),
+        ]
         sys.stdout.write("\n".join(lines) + "\n")
         return 0
     try:
@@ -127,9 +132,16 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
     from training.dense.scenes import generate_scenes
 
     try:
-        summary = generate_scenes(args.out, n_train=args.train, n_test=args.test, size=args.size, seed=args.seed,
-                                  min_objects=args.min_objects, max_objects=args.max_objects,
-                                  overwrite=args.overwrite)  # fmt: skip
+        summary = generate_scenes(
+            args.out,
+            n_train=args.train,
+            n_test=args.test,
+            size=args.size,
+            seed=args.seed,
+            min_objects=args.min_objects,
+            max_objects=args.max_objects,
+            overwrite=args.overwrite,
+        )
     except (DataError, FileExistsError, ValueError) as e:
         _logger.error("%s", e)
         return 2
@@ -158,18 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("pretrain", help="pretrain a CAE (one process, or many under torchrun)")
     t.add_argument("--config", required=True, help="preset name (see `presets`) or a YAML file")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=1e-3 --set model.overrides.depth=6")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-3 --set model.overrides.depth=6",
+    )
     t.add_argument("--output-dir", required=True, help="run directory (checkpoints, metrics, PNGs, model)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --output-dir"
+    )
     t.set_defaults(func=_cmd_pretrain)
 
     e = sub.add_parser("eval", help="evaluate an encoder: kNN, linear, attentive probe or fine-tuning")
-    e.add_argument("--checkpoint", required=True, help="our .safetensors, an official/mmpretrain .pth, or 'random:NAME'")
+    e.add_argument(
+        "--checkpoint", required=True, help="our .safetensors, an official/mmpretrain .pth, or 'random:NAME'"
+    )
     e.add_argument("--protocol", required=True, choices=["knn", "linear", "attentive", "finetune"])
-    e.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | imagefolder:PATH (PATH/train, PATH/val)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="protocol hyper-parameters")
-    e.add_argument("--cache-dir", default=None, help="frozen-feature cache (default: ~/.cache/cae-service/features)")
+    e.add_argument(
+        "--dataset", default="fashion-mnist", help="fashion-mnist | imagefolder:PATH (PATH/train, PATH/val)"
+    )
+    e.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="protocol hyper-parameters"
+    )
+    e.add_argument(
+        "--cache-dir", default=None, help="frozen-feature cache (default: ~/.cache/cae-service/features)"
+    )
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object with the metrics (incl. top1)")
@@ -186,12 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=_cmd_scenes)
 
-    for task, what in (("segment", "semantic segmentation (UperNet + FCN aux, or linear)"),
-                       ("detect", "detection + instance masks (Mask R-CNN on an FPN)")):  # fmt: skip
+    for task, what in (
+        ("segment", "semantic segmentation (UperNet + FCN aux, or linear)"),
+        ("detect", "detection + instance masks (Mask R-CNN on an FPN)"),
+    ):
         d = sub.add_parser(task, help=f"train and evaluate a {what} head on a CAE encoder")
         d.add_argument("--config", default=None, help="preset in training/configs/dense/ or a YAML file")
-        d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override, e.g. --set model.checkpoint=random:fmnist_cae --set optim.epochs=5")
+        d.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override, e.g. --set model.checkpoint=random:fmnist_cae --set optim.epochs=5",
+        )
         d.add_argument("--output-dir", required=True)
         d.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pth")
         d.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")

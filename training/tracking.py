@@ -51,7 +51,11 @@ class MetricsWriter:
         """On resume, drop records logged after the checkpoint (they will be produced again)."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def close(self) -> None:
@@ -62,7 +66,9 @@ class MetricsWriter:
 class Progress:
     """Rate and ETA log lines, at most every ``LOG_INTERVAL_S`` seconds (plus the last)."""
 
-    def __init__(self, what: str, total: int, unit: str = "img", logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, what: str, total: int, unit: str = "img", logger: logging.Logger | None = None
+    ) -> None:
         self.what, self.total, self.unit = what, total, unit
         self.logger = logger or _logger
         self.t0 = self.last = time.perf_counter()

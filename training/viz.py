@@ -57,7 +57,9 @@ def _to_uint8(x: torch.Tensor, mean: Any, std: Any) -> np.ndarray:
     return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def reconstruction_panel(model: Any, images: torch.Tensor, mask: torch.Tensor, mean: Any, std: Any) -> np.ndarray:
+def reconstruction_panel(
+    model: Any, images: torch.Tensor, mask: torch.Tensor, mean: Any, std: Any
+) -> np.ndarray:
     """Rows of original | masked | reconstruction (+ visible patches pasted back), as uint8 HxWx3."""
     from .models import patchify, unpatchify
 
@@ -98,7 +100,11 @@ def save_reconstruction_grid(
         images = torch.stack([it["images"] for it in items]).to(device)
         mask = torch.stack([it["mask"] for it in items]).to(device)
         cfg = ds.transform.cfg
-        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else torch.autocast(device.type, enabled=False)
+        ctx = (
+            torch.autocast(device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else torch.autocast(device.type, enabled=False)
+        )
         with ctx:
             panel = reconstruction_panel(model, images, mask, cfg.mean, cfg.std)
         scale_up = max(1, 96 // model.cfg.img_size)

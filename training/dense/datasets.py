@@ -49,7 +49,9 @@ def _read_classes(root: Path) -> list[str] | None:
             raise DataError(f"{path}: not valid JSON ({e})") from e
         names = obj.get(key) if isinstance(obj, dict) else obj
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise DataError(f"{path}: expected a list of class names{f' under {key!r}' if isinstance(obj, dict) else ''}")
+            raise DataError(
+                f"{path}: expected a list of class names{f' under {key!r}' if isinstance(obj, dict) else ''}"
+            )
         return names
     return None
 
@@ -74,13 +76,19 @@ class SegmentationFolder(Dataset):
         img_dir, ann_dir = self.root / "images" / self.split, self.root / "annotations" / self.split
         for d in (img_dir, ann_dir):
             if not d.is_dir():
-                raise DataError(f"{d}: not a directory (expected {self.root}/{{images,annotations}}/{self.split}/)")
-        images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in SEG_IMAGE_EXTENSIONS and p.is_file())
+                raise DataError(
+                    f"{d}: not a directory (expected {self.root}/{{images,annotations}}/{self.split}/)"
+                )
+        images = sorted(
+            p for p in img_dir.iterdir() if p.suffix.lower() in SEG_IMAGE_EXTENSIONS and p.is_file()
+        )
         if not images:
             raise DataError(f"{img_dir}: no images with extensions {SEG_IMAGE_EXTENSIONS}")
         missing = [p.name for p in images if not (ann_dir / f"{p.stem}.png").is_file()]
         if missing:
-            raise DataError(f"{ann_dir}: no label map <stem>.png for {len(missing)} image(s), e.g. {missing[:3]}")
+            raise DataError(
+                f"{ann_dir}: no label map <stem>.png for {len(missing)} image(s), e.g. {missing[:3]}"
+            )
         self.samples = [(p, ann_dir / f"{p.stem}.png") for p in images]
         self.classes = _read_classes(self.root)
 
@@ -93,11 +101,14 @@ class SegmentationFolder(Dataset):
             img = im.convert("RGB")
         with Image.open(ann_path) as lm:
             if lm.mode not in ("L", "P"):
-                raise DataError(f"{ann_path}: label map must be a single-channel 'L' or 'P' PNG, got mode {lm.mode!r}")
+                raise DataError(
+                    f"{ann_path}: label map must be a single-channel 'L' or 'P' PNG, got mode {lm.mode!r}"
+                )
             label = np.array(lm, dtype=np.uint8)  # "P": palette indices are the labels
         if label.shape != (img.height, img.width):
             raise DataError(
-                f"{ann_path}: label map is {label.shape[1]}x{label.shape[0]} but {img_path.name} is {img.width}x{img.height}"
+                f"{ann_path}: label map is {label.shape[1]}x{label.shape[0]} "
+                f"but {img_path.name} is {img.width}x{img.height}"
             )
         return self.transforms(img, label) if self.transforms else (img, label)
 
@@ -130,10 +141,15 @@ class CocoInstances(Dataset):
         self.ids: list[int] = sorted(self.coco.getImgIds())
         self.cat_ids: list[int] = sorted(self.coco.getCatIds())
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        self.classes: list[str] = ["background", *(self.coco.cats[c].get("name", str(c)) for c in self.cat_ids)]
+        self.classes: list[str] = [
+            "background",
+            *(self.coco.cats[c].get("name", str(c)) for c in self.cat_ids),
+        ]
         bad = {a["category_id"] for a in self.coco.dataset["annotations"]} - set(self.cat_ids)
         if bad:
-            raise DataError(f"{self.ann_file}: annotations use category ids missing from 'categories': {sorted(bad)}")
+            raise DataError(
+                f"{self.ann_file}: annotations use category ids missing from 'categories': {sorted(bad)}"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -147,7 +163,10 @@ class CocoInstances(Dataset):
             img = im.convert("RGB")
         expected = (info.get("width", img.width), info.get("height", img.height))
         if img.size != expected:
-            raise DataError(f"{path}: image is {img.width}x{img.height} but {self.ann_file} says {expected[0]}x{expected[1]}")
+            raise DataError(
+                f"{path}: image is {img.width}x{img.height} "
+                f"but {self.ann_file} says {expected[0]}x{expected[1]}"
+            )
         return img
 
     def load_target(self, image_id: int, width: int, height: int) -> dict[str, Any]:
@@ -174,7 +193,9 @@ class CocoInstances(Dataset):
         return {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8),
+            "masks": torch.from_numpy(np.stack(masks))
+            if masks
+            else torch.zeros((0, height, width), dtype=torch.uint8),
             "image_id": int(image_id),
             "area": torch.tensor(areas, dtype=torch.float32),
             "iscrowd": torch.tensor(crowd, dtype=torch.int64),

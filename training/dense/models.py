@@ -39,14 +39,21 @@ def pyramid_indices(depth: int) -> list[int]:
     0-based 3, 5, 7, 11; large 24 -> 7, 11, 15, 23, the official choices)."""
     if depth < 4:
         raise ValueError(f"a 4-level pyramid needs an encoder of depth >= 4, got {depth}")
-    ids = [max(round(depth / 3), 1) - 1, max(round(depth / 2), 2) - 1, max(round(2 * depth / 3), 3) - 1, depth - 1]
+    ids = [
+        max(round(depth / 3), 1) - 1,
+        max(round(depth / 2), 2) - 1,
+        max(round(2 * depth / 3), 3) - 1,
+        depth - 1,
+    ]
     for i in range(1, 4):  # keep them strictly increasing for shallow encoders
         ids[i] = max(ids[i], ids[i - 1] + 1)
     return ids
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class CAEPyramid(nn.Module):
@@ -62,7 +69,9 @@ class CAEPyramid(nn.Module):
         self.patch_size = cfg.patch_size
         self.grid = (img_size // cfg.patch_size, img_size // cfg.patch_size)
         if self.grid[0] % 2:
-            raise ValueError(f"the pyramid's max-pool level needs an even patch grid, got {self.grid} at {img_size} px")
+            raise ValueError(
+                f"the pyramid's max-pool level needs an even patch grid, got {self.grid} at {img_size} px"
+            )
         self.out_indices = out_indices or pyramid_indices(cfg.depth)
         d = cfg.embed_dim
         # The dense task's own (interpolated) table, trained or not like the encoder's (a fixed buffer); a
@@ -76,7 +85,12 @@ class CAEPyramid(nn.Module):
         self.fpn3 = nn.Identity()
         self.fpn4 = nn.MaxPool2d(2, 2)
         self.out_channels = [d, d, d, d]
-        self.strides = [cfg.patch_size // 4 or 1, max(cfg.patch_size // 2, 1), cfg.patch_size, cfg.patch_size * 2]
+        self.strides = [
+            cfg.patch_size // 4 or 1,
+            max(cfg.patch_size // 2, 1),
+            cfg.patch_size,
+            cfg.patch_size * 2,
+        ]
 
     @property
     def num_layers(self) -> int:
@@ -85,10 +99,17 @@ class CAEPyramid(nn.Module):
     def tokens(self, x: Tensor) -> list[Tensor]:
         """Raw outputs [B, N, D] of the selected blocks (no cls, no final norm, as BEiT/CAE take them)."""
         if x.dim() != 4 or tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"expected images [B, C, {self.img_size}, {self.img_size}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected images [B, C, {self.img_size}, {self.img_size}], got {tuple(x.shape)}"
+            )
         enc = self.encoder
         _, inter = enc.forward_intermediates(
-            enc.patch_embed(x), None, self.out_indices, final_norm=False, pos_embed=self.pos_embed, stop_early=True
+            enc.patch_embed(x),
+            None,
+            self.out_indices,
+            final_norm=False,
+            pos_embed=self.pos_embed,
+            stop_early=True,
         )
         return [h[:, 1:] for h in inter]
 
@@ -120,9 +141,13 @@ class UperNetHead(nn.Module):
     all levels fused at the finest resolution, 3x3 bottleneck, dropout, 1x1 classifier."""
 
     def __init__(
-        self, in_channels: list[int], channels: int, num_classes: int, pool_scales: tuple[int, ...] = (1, 2, 3, 6),
+        self,
+        in_channels: list[int],
+        channels: int,
+        num_classes: int,
+        pool_scales: tuple[int, ...] = (1, 2, 3, 6),
         dropout: float = 0.1,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.ppm = PPM(in_channels[-1], channels, pool_scales)
         self.bottleneck = _conv_bn_relu(in_channels[-1] + len(pool_scales) * channels, channels, 3)
@@ -141,14 +166,18 @@ class UperNetHead(nn.Module):
             )
         outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1], strict=True)] + [laterals[-1]]
         size = outs[0].shape[-2:]
-        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
+        outs = [outs[0]] + [
+            F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]
+        ]
         return self.cls(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
 
 
 class FCNHead(nn.Module):
     """The auxiliary head (mmsegmentation FCNHead, one conv): on pyramid level ``in_index``."""
 
-    def __init__(self, cin: int, channels: int, num_classes: int, in_index: int = 2, dropout: float = 0.1) -> None:
+    def __init__(
+        self, cin: int, channels: int, num_classes: int, in_index: int = 2, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.in_index = in_index
         self.conv = _conv_bn_relu(cin, channels, 3)
@@ -160,7 +189,7 @@ class FCNHead(nn.Module):
 
 
 class LinearSegHead(nn.Module):
-    """Light option: BatchNorm + 1x1 conv on the last selected block's patch grid (a linear probe per patch)."""
+    """Light option: BatchNorm + 1x1 conv on the last selected block's patch grid (linear probe per patch)."""
 
     def __init__(self, cin: int, num_classes: int) -> None:
         super().__init__()
@@ -176,16 +205,22 @@ class CAESegmenter(nn.Module):
     input resolution [B, C, H, W]; ``forward_train`` also returns the auxiliary logits."""
 
     def __init__(
-        self, backbone: CAEPyramid, num_classes: int, head: str = "upernet", channels: int = 128,
+        self,
+        backbone: CAEPyramid,
+        num_classes: int,
+        head: str = "upernet",
+        channels: int = 128,
         aux_weight: float = 0.4,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
         self.head_type = head
         if head == "upernet":
             self.decode_head: nn.Module = UperNetHead(backbone.out_channels, channels, num_classes)
-            self.aux_head: nn.Module | None = FCNHead(backbone.out_channels[2], max(channels // 2, 16), num_classes)
+            self.aux_head: nn.Module | None = FCNHead(
+                backbone.out_channels[2], max(channels // 2, 16), num_classes
+            )
         elif head == "linear":
             self.decode_head = LinearSegHead(backbone.out_channels[2], num_classes)
             self.aux_head = None
@@ -242,9 +277,14 @@ class _PyramidFPN(nn.Module):
 
 
 def build_mask_rcnn(
-    pyramid: CAEPyramid, num_classes: int, fpn_channels: int = 128, representation: int = 256,
-    mask_channels: int = 64, detections_per_img: int = 50, **kwargs: Any,
-) -> nn.Module:  # fmt: skip
+    pyramid: CAEPyramid,
+    num_classes: int,
+    fpn_channels: int = 128,
+    representation: int = 256,
+    mask_channels: int = 64,
+    detections_per_img: int = 50,
+    **kwargs: Any,
+) -> nn.Module:
     """torchvision Mask R-CNN on the CAE pyramid, sized for small inputs: anchors from 2 px strides up,
     no resizing inside the model (min = max = the pyramid's input size), inputs already normalized.
 
@@ -278,9 +318,15 @@ def build_mask_rcnn(
         box_detections_per_img=detections_per_img,
         # Scenes hold a handful of objects: far fewer proposals and sampled RoIs than COCO's defaults
         # (2000/1000 proposals, 512 RoIs) lose nothing and cut the RoI heads' cost several-fold.
-        **{"rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "rpn_pre_nms_top_n_test": 300,
-           "rpn_post_nms_top_n_test": 150, "rpn_batch_size_per_image": 128, "box_batch_size_per_image": 128,
-           **kwargs},  # fmt: skip
+        **{
+            "rpn_pre_nms_top_n_train": 600,
+            "rpn_post_nms_top_n_train": 300,
+            "rpn_pre_nms_top_n_test": 300,
+            "rpn_post_nms_top_n_test": 150,
+            "rpn_batch_size_per_image": 128,
+            "box_batch_size_per_image": 128,
+            **kwargs,
+        },
     )
     model.num_layers = pyramid.num_layers  # for layer-wise lr decay
     return model

@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("training.dense")
+
+
 # ---------------------------------------------------------------------------------------------- data
 class _SegTransform:
     def __init__(self, size: int, mean: list[float], std: list[float], hflip: float, train: bool) -> None:
@@ -82,8 +84,16 @@ class _SegData(Dataset):
 
 
 class _DetData(Dataset):
-    def __init__(self, source: Dataset, size: int, mean: list[float], std: list[float], hflip: float, train: bool,
-                 seed: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        source: Dataset,
+        size: int,
+        mean: list[float],
+        std: list[float],
+        hflip: float,
+        train: bool,
+        seed: int,
+    ) -> None:
         self.source, self.size, self.mean, self.std = source, size, mean, std
         self.hflip, self.train, self.seed, self.epoch = hflip, train, seed, 0
 
@@ -98,12 +108,16 @@ class _DetData(Dataset):
         if (w, h) != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
             boxes = boxes * torch.tensor([self.size / w, self.size / h] * 2)
-            masks = torch.nn.functional.interpolate(masks[None].float(), size=(self.size, self.size), mode="nearest")[0]
+            masks = torch.nn.functional.interpolate(
+                masks[None].float(), size=(self.size, self.size), mode="nearest"
+            )[0]
             masks = masks.to(torch.uint8)
         x = normalize(to_tensor(img), self.mean, self.std)
         if self.train and random.Random(hash((self.seed, self.epoch, i))).random() < self.hflip:
             x, masks = x.flip(-1), masks.flip(-1)
-            boxes = torch.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], dim=1)
+            boxes = torch.stack(
+                [self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], dim=1
+            )
         target = {
             "boxes": boxes,
             "labels": torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1),
@@ -128,7 +142,9 @@ def assemble_dense_model(cfg: DenseConfig, cae: CAE, num_classes: int) -> nn.Mod
     """Pyramid + head around ``cae``'s encoder (drop path for downstream training, optional freezing)."""
     encoder = cae.encoder
     dpr = torch.linspace(0, cfg.model.drop_path_rate, len(encoder.blocks)).tolist()
-    for blk, p in zip(encoder.blocks, dpr, strict=True):  # stochastic depth ramp, as downstream recipes set it
+    for blk, p in zip(
+        encoder.blocks, dpr, strict=True
+    ):  # stochastic depth ramp, as downstream recipes set it
         for mod in blk.modules():
             if mod.__class__.__name__ == "DropPath":
                 mod.drop_prob = p
@@ -140,8 +156,10 @@ def assemble_dense_model(cfg: DenseConfig, cae: CAE, num_classes: int) -> nn.Mod
     return build_mask_rcnn(pyramid, num_classes, fpn_channels=cfg.model.channels, size_divisible=1)
 
 
-def build_dense_model(cfg: DenseConfig, num_classes: int, seed: int = 0) -> tuple[nn.Module, dict[str, Any], str, CAE]:
-    """The dense model on a pretrained (or random-init) encoder. Returns (model, preprocess, encoder id, cae)."""
+def build_dense_model(
+    cfg: DenseConfig, num_classes: int, seed: int = 0
+) -> tuple[nn.Module, dict[str, Any], str, CAE]:
+    """The dense model on a pretrained (or random-init) encoder: (model, preprocess, encoder id, cae)."""
     from ..evaluation import EvalError, resolve_backbone
 
     try:
@@ -164,8 +182,9 @@ def _device(cfg: DenseConfig) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_segmentation(model: CAESegmenter, loader: DataLoader, num_classes: int, device: torch.device,
-                          precision: str = "fp32") -> dict[str, Any]:  # fmt: skip
+def evaluate_segmentation(
+    model: CAESegmenter, loader: DataLoader, num_classes: int, device: torch.device, precision: str = "fp32"
+) -> dict[str, Any]:
     from .metrics import SegmentationMeter
 
     model.eval()
@@ -178,7 +197,9 @@ def evaluate_segmentation(model: CAESegmenter, loader: DataLoader, num_classes: 
 
 
 @torch.no_grad()
-def evaluate_detection(model: nn.Module, loader: DataLoader, source: Any, device: torch.device) -> dict[str, Any]:
+def evaluate_detection(
+    model: nn.Module, loader: DataLoader, source: Any, device: torch.device
+) -> dict[str, Any]:
     from .metrics import coco_evaluate, masks_to_rle
 
     model.eval()
@@ -194,13 +215,15 @@ def evaluate_detection(model: nn.Module, loader: DataLoader, source: Any, device
             rles = masks_to_rle(masks) if len(masks) else []
             for j in range(len(boxes)):
                 x1, y1, x2, y2 = boxes[j].tolist()
-                dets.append({
-                    "image_id": int(tgt["image_id"]),
-                    "category_id": int(cat_ids[int(out["labels"][j]) - 1]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": float(out["scores"][j]),
-                    "segmentation": rles[j],
-                })  # fmt: skip
+                dets.append(
+                    {
+                        "image_id": int(tgt["image_id"]),
+                        "category_id": int(cat_ids[int(out["labels"][j]) - 1]),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "score": float(out["scores"][j]),
+                        "segmentation": rles[j],
+                    }
+                )
     res = coco_evaluate(source.coco, dets, img_ids=seen)
     res["detections"] = len(dets)
     return res
@@ -208,10 +231,23 @@ def evaluate_detection(model: nn.Module, loader: DataLoader, source: Any, device
 
 # ---------------------------------------------------------------------------------------------- visuals
 _PALETTE = np.array(
-    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180],
-     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255]],
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [220, 190, 255],
+    ],
     dtype=np.uint8,
-)  # fmt: skip
+)
 
 
 def _denorm(x: Tensor, pre: dict[str, Any]) -> np.ndarray:
@@ -221,9 +257,17 @@ def _denorm(x: Tensor, pre: dict[str, Any]) -> np.ndarray:
 
 
 @torch.no_grad()
-def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str, Any], path: Path,
-                         device: torch.device, n: int = 6, scale: int = 3,
-                         score_threshold: float = 0.5) -> None:  # fmt: skip
+def save_prediction_grid(
+    model: nn.Module,
+    ds: Dataset,
+    task: str,
+    pre: dict[str, Any],
+    path: Path,
+    device: torch.device,
+    n: int = 6,
+    scale: int = 3,
+    score_threshold: float = 0.5,
+) -> None:
     """PNG rows: image | ground truth | prediction (segment: colour label maps; detect: boxes + masks
     of the detections scoring above ``score_threshold``)."""
     from PIL import ImageDraw
@@ -241,19 +285,34 @@ def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str
             out = model([x.to(device)])[0]
             keep = out["scores"] > score_threshold
             tiles = []
-            for boxes, labels, masks in ((y["boxes"], y["labels"], y["masks"]),
-                                         (out["boxes"][keep], out["labels"][keep], out["masks"][keep, 0] > 0.5)):  # fmt: skip
+            for boxes, labels, masks in (
+                (y["boxes"], y["labels"], y["masks"]),
+                (out["boxes"][keep], out["labels"][keep], out["masks"][keep, 0] > 0.5),
+            ):
                 canvas = img.copy()
                 for m, lab in zip(masks.cpu().numpy().astype(bool), labels.tolist(), strict=True):
                     canvas[m] = (0.5 * canvas[m] + 0.5 * _PALETTE[lab % len(_PALETTE)]).astype(np.uint8)
-                pil = Image.fromarray(canvas).resize((img.shape[1] * scale, img.shape[0] * scale), Image.Resampling.NEAREST)
+                pil = Image.fromarray(canvas).resize(
+                    (img.shape[1] * scale, img.shape[0] * scale), Image.Resampling.NEAREST
+                )
                 draw = ImageDraw.Draw(pil)
                 for b, lab in zip(boxes.cpu().tolist(), labels.tolist(), strict=True):
-                    draw.rectangle([v * scale for v in b], outline=tuple(int(c) for c in _PALETTE[lab % len(_PALETTE)]))
+                    draw.rectangle(
+                        [v * scale for v in b], outline=tuple(int(c) for c in _PALETTE[lab % len(_PALETTE)])
+                    )
                 tiles.append(np.asarray(pil))
-            tiles = [np.asarray(Image.fromarray(img).resize(tiles[0].shape[1::-1], Image.Resampling.NEAREST))] + tiles
+            tiles = [
+                np.asarray(Image.fromarray(img).resize(tiles[0].shape[1::-1], Image.Resampling.NEAREST))
+            ] + tiles
         if task == "segment":
-            tiles = [np.asarray(Image.fromarray(t).resize((t.shape[1] * scale, t.shape[0] * scale), Image.Resampling.NEAREST)) for t in tiles]
+            tiles = [
+                np.asarray(
+                    Image.fromarray(t).resize(
+                        (t.shape[1] * scale, t.shape[0] * scale), Image.Resampling.NEAREST
+                    )
+                )
+                for t in tiles
+            ]
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
     with atomic_path(path, fsync=False) as tmp:
@@ -268,14 +327,23 @@ def _datasets(cfg: DenseConfig) -> tuple[Any, Any, list[str]]:
     root = Path(cfg.data.root)
     try:
         if cfg.task == "segment":
-            tr, va = SegmentationFolder(root / "ade", "training"), SegmentationFolder(root / "ade", "validation")
+            tr, va = (
+                SegmentationFolder(root / "ade", "training"),
+                SegmentationFolder(root / "ade", "validation"),
+            )
             classes = list(tr.classes) if tr.classes else [str(i) for i in range(int(_max_label(tr)) + 1)]
         else:
-            tr = CocoInstances(root / "ade" / "images" / "training", root / "coco" / "annotations" / "instances_train.json")
-            va = CocoInstances(root / "ade" / "images" / "validation", root / "coco" / "annotations" / "instances_val.json")
+            tr = CocoInstances(
+                root / "ade" / "images" / "training", root / "coco" / "annotations" / "instances_train.json"
+            )
+            va = CocoInstances(
+                root / "ade" / "images" / "validation", root / "coco" / "annotations" / "instances_val.json"
+            )
             classes = list(tr.classes)
     except DataError as e:
-        raise ConfigError(f"data.root {root}: {e} (generate the benchmark with `python training/run.py scenes`)") from e
+        raise ConfigError(
+            f"data.root {root}: {e} (generate the benchmark with `python training/run.py scenes`)"
+        ) from e
     return tr, va, classes
 
 
@@ -307,17 +375,27 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
     model.to(device)
     size, mean, std = cfg.model.img_size, list(pre["mean"]), list(pre["std"])
     if cfg.task == "segment":
-        ds_tr: Any = _SegData(_limit(src_tr, cfg.data.limit_train), _SegTransform(size, mean, std, cfg.data.hflip, True), cfg.runtime.seed)
-        ds_va: Any = _SegData(_limit(src_va, cfg.data.limit_val), _SegTransform(size, mean, std, 0.0, False), cfg.runtime.seed)
+        ds_tr: Any = _SegData(
+            _limit(src_tr, cfg.data.limit_train),
+            _SegTransform(size, mean, std, cfg.data.hflip, True),
+            cfg.runtime.seed,
+        )
+        ds_va: Any = _SegData(
+            _limit(src_va, cfg.data.limit_val), _SegTransform(size, mean, std, 0.0, False), cfg.runtime.seed
+        )
         collate = None
     else:
-        ds_tr = _DetData(_limit(src_tr, cfg.data.limit_train), size, mean, std, cfg.data.hflip, True, cfg.runtime.seed)
+        ds_tr = _DetData(
+            _limit(src_tr, cfg.data.limit_train), size, mean, std, cfg.data.hflip, True, cfg.runtime.seed
+        )
         ds_va = _DetData(_limit(src_va, cfg.data.limit_val), size, mean, std, 0.0, False, cfg.runtime.seed)
         collate = _collate_det
     bs = min(cfg.optim.batch_size, len(ds_tr))
     steps = max(len(ds_tr) // bs, 1)
     gen = torch.Generator().manual_seed(cfg.runtime.seed)
-    loader_va = DataLoader(ds_va, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate)
+    loader_va = DataLoader(
+        ds_va, batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate
+    )
     groups = finetune_param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(0.9, 0.999))
 
@@ -341,11 +419,23 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
         metrics_path.unlink()
     n_params = sum(p.numel() for p in model.parameters())
     _logger.info(
-        "%s: %s head on %s (%.2fM params) at %d px, %d classes, %d train / %d val images, %d epochs x %d steps of %d, "
-        "lr %.3g layer decay %.3g, device %s",
-        cfg.task, cfg.model.head, cfg.model.checkpoint, n_params / 1e6, size, num_classes, len(ds_tr), len(ds_va),
-        cfg.optim.epochs, steps, bs, cfg.optim.lr, cfg.optim.layer_decay, device,
-    )  # fmt: skip
+        "%s: %s head on %s (%.2fM params) at %d px, %d classes, %d train / %d val images, "
+        "%d epochs x %d steps of %d, lr %.3g layer decay %.3g, device %s",
+        cfg.task,
+        cfg.model.head,
+        cfg.model.checkpoint,
+        n_params / 1e6,
+        size,
+        num_classes,
+        len(ds_tr),
+        len(ds_va),
+        cfg.optim.epochs,
+        steps,
+        bs,
+        cfg.optim.lr,
+        cfg.optim.layer_decay,
+        device,
+    )
 
     log = MetricsWriter(out, enabled=True, tensorboard=False).write
 
@@ -360,8 +450,14 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
         t_epoch = time.perf_counter()
         ds_tr.epoch = epoch
         order = torch.randperm(len(ds_tr), generator=gen)[: steps * bs].tolist()
-        loader = DataLoader(Subset(ds_tr, order), batch_size=bs, shuffle=False, num_workers=cfg.data.num_workers,
-                            collate_fn=collate, drop_last=True)  # fmt: skip
+        loader = DataLoader(
+            Subset(ds_tr, order),
+            batch_size=bs,
+            shuffle=False,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate,
+            drop_last=True,
+        )
         model.train()
         sums: dict[str, float] = {}
         for it, batch in enumerate(loader):
@@ -374,13 +470,17 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                     losses = model.loss(x.to(device), y.to(device))
                 else:
                     images, targets = batch
-                    losses = model([im.to(device) for im in images],
-                                   [{k: v.to(device) for k, v in t.items()} for t in targets])  # fmt: skip
+                    losses = model(
+                        [im.to(device) for im in images],
+                        [{k: v.to(device) for k, v in t.items()} for t in targets],
+                    )
                     losses = {k: v.float() for k, v in losses.items()}
                     losses["loss"] = sum(losses.values())
             loss = losses["loss"]
             if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"non-finite {cfg.task} loss at epoch {epoch + 1} step {it}; lower optim.lr")
+                raise FloatingPointError(
+                    f"non-finite {cfg.task} loss at epoch {epoch + 1} step {it}; lower optim.lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.clip_grad:
@@ -395,22 +495,51 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                 rate = done_steps * bs / max(el, 1e-9)
                 terms = {k: float(v.detach()) for k, v in losses.items()}
                 _logger.info(
-                    "%s epoch %d/%d step %d/%d %s lr %.3e %.1f img/s eta %s", cfg.task, epoch + 1, sched.epochs,
-                    it + 1, steps, " ".join(f"{k} {v:.4f}" for k, v in terms.items()), lr, rate,
+                    "%s epoch %d/%d step %d/%d %s lr %.3e %.1f img/s eta %s",
+                    cfg.task,
+                    epoch + 1,
+                    sched.epochs,
+                    it + 1,
+                    steps,
+                    " ".join(f"{k} {v:.4f}" for k, v in terms.items()),
+                    lr,
+                    rate,
                     fmt_eta(((sched.epochs - start_epoch) * steps - done_steps) * bs / max(rate, 1e-9)),
-                )  # fmt: skip
+                )
                 log({"kind": "train", "epoch": epoch, "step": step, "lr": lr, "img_per_s": rate, **terms})
-        log({"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * steps, **{k: v / steps for k, v in sums.items()}})
+        log(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": (epoch + 1) * steps,
+                **{k: v / steps for k, v in sums.items()},
+            }
+        )
         limit = cfg.runtime.time_limit_min
         if limit is not None and epoch == start_epoch and sched.epochs > epoch + 1:
             per_epoch = time.perf_counter() - t_epoch
             # room for the final evaluation (about one epoch's time) inside the box
-            fit = epoch + 1 + int(max(limit * 60 - (time.perf_counter() - t_start) - per_epoch, 0) // per_epoch)
+            fit = (
+                epoch + 1 + int(max(limit * 60 - (time.perf_counter() - t_start) - per_epoch, 0) // per_epoch)
+            )
             if fit < sched.epochs:
-                _logger.warning("runtime.time_limit_min=%g: %.1f s per epoch, shortening the schedule from %d to %d epochs",
-                                limit, per_epoch, sched.epochs, fit)  # fmt: skip
+                _logger.warning(
+                    "runtime.time_limit_min=%g: %.1f s per epoch, "
+                    "shortening the schedule from %d to %d epochs",
+                    limit,
+                    per_epoch,
+                    sched.epochs,
+                    fit,
+                )
                 sched.epochs = max(fit, epoch + 1)
-                log({"kind": "schedule", "epoch": epoch, "epochs": sched.epochs, "seconds_per_epoch": per_epoch})
+                log(
+                    {
+                        "kind": "schedule",
+                        "epoch": epoch,
+                        "epochs": sched.epochs,
+                        "seconds_per_epoch": per_epoch,
+                    }
+                )
         last = epoch == sched.epochs - 1
         if last or (epoch + 1) % max(cfg.runtime.eval_every_epochs, 1) == 0:
             t_eval = time.perf_counter()
@@ -418,30 +547,53 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                 res = evaluate_segmentation(model, loader_va, num_classes, device, cfg.runtime.precision)
             else:
                 res = evaluate_detection(model, loader_va, src_va, device)
-            _logger.info("%s eval after epoch %d (%.1f s): %s", cfg.task, epoch + 1, time.perf_counter() - t_eval,
-                         {k: v for k, v in res.items() if k != "per_class_iou"})  # fmt: skip
+            _logger.info(
+                "%s eval after epoch %d (%.1f s): %s",
+                cfg.task,
+                epoch + 1,
+                time.perf_counter() - t_eval,
+                {k: v for k, v in res.items() if k != "per_class_iou"},
+            )
             log({"kind": "eval", "epoch": epoch, "step": (epoch + 1) * steps, **res})
             best = res
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "epochs": sched.epochs,
-                      "generator": gen.get_state(), "config": json.dumps(cfg.to_dict())}, ck_path)  # fmt: skip
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "epochs": sched.epochs,
+                "generator": gen.get_state(),
+                "config": json.dumps(cfg.to_dict()),
+            },
+            ck_path,
+        )
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         if last or (epoch + 1) % max(cfg.runtime.vis_every_epochs, 1) == 0:
             save_prediction_grid(model, ds_va, cfg.task, pre, out / f"predictions-{epoch:04d}.png", device)
 
     final = out / f"{cfg.task}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(final), metadata={
-        "format": "cae-dense",
+    save_file(
+        state,
+        str(final),
+        metadata={
+            "format": "cae-dense",
+            "task": cfg.task,
+            "dense_config": json.dumps(cfg.to_dict()),
+            "classes": json.dumps(classes),
+            "preprocess": json.dumps(pre),
+            "encoder": encoder_id,
+            "encoder_config": json.dumps(cae.cfg.to_dict()),
+            "metrics": json.dumps({k: v for k, v in best.items() if k != "per_class_iou"}),
+        },
+    )
+    result = {
         "task": cfg.task,
-        "dense_config": json.dumps(cfg.to_dict()),
-        "classes": json.dumps(classes),
-        "preprocess": json.dumps(pre),
-        "encoder": encoder_id,
-        "encoder_config": json.dumps(cae.cfg.to_dict()),
-        "metrics": json.dumps({k: v for k, v in best.items() if k != "per_class_iou"}),
-    })  # fmt: skip
-    result = {"task": cfg.task, "model": str(final), "epochs": sched.epochs,
-              "seconds": round(time.perf_counter() - t_start, 1), **best}  # fmt: skip
+        "model": str(final),
+        "epochs": sched.epochs,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        **best,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     _logger.info("wrote %s: %s", final, {k: v for k, v in result.items() if k != "per_class_iou"})
     return result

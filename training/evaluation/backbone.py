@@ -183,6 +183,8 @@ class PixelFeatures(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         x = images.float() * self.std + self.mean
-        if x.shape[1] > 1 and float((x - x[:, :1]).abs().max()) < 1e-5:  # (equal up to the normalization's rounding)
+        if (
+            x.shape[1] > 1 and float((x - x[:, :1]).abs().max()) < 1e-5
+        ):  # (equal up to the normalization's rounding)
             x = x[:, :1]
         return x.flatten(1)

@@ -202,7 +202,9 @@ def get_features(
         "version": CACHE_VERSION,
         "model": backbone.identity,
         # the shifted set only changes the test split: its train features are the plain set's
-        "dataset": spec.dataset.replace("fashion-mnist-shifted", "fashion-mnist") if split == "train" else spec.dataset,
+        "dataset": spec.dataset.replace("fashion-mnist-shifted", "fashion-mnist")
+        if split == "train"
+        else spec.dataset,
         "content": _source_fingerprint(spec, source),
         "split": split,
         "preprocess": {k: preprocess[k] for k in ("img_size", "mean", "std", "interpolation", "crop_pct")},
@@ -229,7 +231,9 @@ def get_features(
     entry.mkdir(parents=True, exist_ok=True)
     kind_name = "+".join(["cls"] + (["tokens"] if need_tokens else []) + readouts)
     _logger.info("extracting %s %s features of %d images with %s", split, kind_name, len(ds), backbone.spec)
-    with contextlib.ExitStack() as stack:  # the token grid goes straight into a memory map, renamed when complete
+    with (
+        contextlib.ExitStack() as stack
+    ):  # the token grid goes straight into a memory map, renamed when complete
         tmp_tokens = stack.enter_context(atomic_path(files["tokens"], fsync=False)) if need_tokens else None
         feats = extract_features(
             backbone.model(),
@@ -261,4 +265,3 @@ def get_features(
     }
     write_text_atomic(meta_path, json.dumps(meta, indent=1), fsync=False)
     return Split(feats, nc, cached=False, classes=list(classes or []))
-

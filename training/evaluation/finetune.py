@@ -82,6 +82,7 @@ def _add_rel_pos_bias(encoder: nn.Module) -> int:
         added += 1
     return added
 
+
 def _augment(
     x: Tensor, y: Tensor, rng: np.random.Generator, p: FinetuneParams, fill: Tensor, num_classes: int
 ) -> tuple[Tensor, Tensor]:

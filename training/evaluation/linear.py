@@ -25,7 +25,7 @@ _logger = logging.getLogger("training.evaluation")
 
 
 class LinearProbe(nn.Module):
-    """The official head: BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, C), trunc-normal(0.01), 0 bias."""
+    """The official head: BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, C), trunc-normal(0.01) init."""
 
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
@@ -95,8 +95,15 @@ def _run_logistic(p: LinearParams, tr: Split, te: Split, nc: int, device: torch.
     x = (x - mean) / std
     w = torch.zeros(x.shape[1], nc, device=device, requires_grad=True)
     b = torch.zeros(nc, device=device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=p.max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)  # fmt: skip
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=p.max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
     state = {"loss": 0.0, "evals": 0}
 
     def closure() -> Tensor:
@@ -113,4 +120,9 @@ def _run_logistic(p: LinearParams, tr: Split, te: Split, nc: int, device: torch.
     with torch.no_grad():
         scores = (xt @ w + b).float().cpu()
     c1, c5 = topk_correct(scores, yt)
-    return {"top1": pct(c1, len(yt)), "top5": pct(c5, len(yt)), "train_loss": round(state["loss"], 6), "lr": 1.0}
+    return {
+        "top1": pct(c1, len(yt)),
+        "top5": pct(c5, len(yt)),
+        "train_loss": round(state["loss"], 6),
+        "lr": 1.0,
+    }

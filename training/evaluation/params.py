@@ -200,4 +200,3 @@ def _validate_params(p: CommonParams) -> None:
         problems.append("layer_decay must be in (0, 1]")
     if problems:
         raise EvalError("invalid parameters: " + "; ".join(problems))
-

@@ -76,15 +76,23 @@ def _dispatch(
             more["max_iter"] = 2 * params.max_iter
         doubled = dataclasses.replace(params, **more)  # type: ignore[arg-type]
         res2 = head(doubled, tr, te)
-        res["budget_2x"] = {**more, "top1": res2["top1"], "top5": res2["top5"],
-                            "delta_top1": round(res2["top1"] - res["top1"], 4)}  # fmt: skip
+        res["budget_2x"] = {
+            **more,
+            "top1": res2["top1"],
+            "top5": res2["top5"],
+            "delta_top1": round(res2["top1"] - res["top1"], 4),
+        }
     if getattr(params, "baseline", False):
         pix = pixel_backbone(backbone)
         ptr = get_features(pix, spec, "train", False, [], *args)
         pte = get_features(pix, spec, "test", False, [], *args)
         pparams = dataclasses.replace(params, feature="cls")  # type: ignore[call-arg]
         base = head(pparams, ptr, pte)
-        res["baseline_pixels"] = {"top1": base["top1"], "top5": base["top5"], "feature_dim": int(ptr.features["cls"].shape[1])}
+        res["baseline_pixels"] = {
+            "top1": base["top1"],
+            "top5": base["top5"],
+            "feature_dim": int(ptr.features["cls"].shape[1]),
+        }
     _logger.info("%s head: %.1f s", protocol, time.perf_counter() - t_head)
     return res, tr.cached and te.cached, len(tr.features["labels"]), len(te.features["labels"]), nc
 
@@ -123,7 +131,9 @@ def run_eval(
         try:
             parse_readout(params.feature, backbone.cfg.depth)
         except ValueError as e:
-            raise EvalError(f"feature must be a readout of this {backbone.cfg.depth}-block encoder: {e}") from e
+            raise EvalError(
+                f"feature must be a readout of this {backbone.cfg.depth}-block encoder: {e}"
+            ) from e
     crop_pct = params.crop_pct if params.crop_pct is not None else spec.default_crop_pct
     preprocess = {**backbone.preprocess, "crop_pct": crop_pct}
     if preprocess["interpolation"] != "bicubic":
@@ -162,7 +172,8 @@ def run_eval(
         "num_classes": int(nc),
         "feature": getattr(params, "feature", None),
         "feature_dim": int(readout_dim(params.feature, backbone.cfg.embed_dim, backbone.cfg.depth))
-        if getattr(params, "feature", None) else int(backbone.cfg.embed_dim),
+        if getattr(params, "feature", None)
+        else int(backbone.cfg.embed_dim),
         **{k: res[k] for k in ("baseline_pixels", "budget_2x") if k in res},
         "seed": seed,
         "device": str(dev),
@@ -182,8 +193,16 @@ def run_eval(
         result["seconds"],
     )
     if "baseline_pixels" in result:
-        _logger.info("%s on raw pixels (same code and split): top1 %.2f", protocol, result["baseline_pixels"]["top1"])
+        _logger.info(
+            "%s on raw pixels (same code and split): top1 %.2f", protocol, result["baseline_pixels"]["top1"]
+        )
     if "budget_2x" in result:
         b2 = result["budget_2x"]
-        _logger.info("%s with twice the epochs (%d): top1 %.2f (%+.2f)", protocol, b2["epochs"], b2["top1"], b2["delta_top1"])
+        _logger.info(
+            "%s with twice the epochs (%d): top1 %.2f (%+.2f)",
+            protocol,
+            b2["epochs"],
+            b2["top1"],
+            b2["delta_top1"],
+        )
     return result

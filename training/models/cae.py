@@ -85,7 +85,9 @@ class CAEConfig:
             if getattr(self, name) % 4 != 0:
                 problems.append(f"{name} {getattr(self, name)} must be divisible by 4 (2-D sin-cos table)")
         if self.decoder_num_heads <= 0 or self.decoder_embed_dim // self.decoder_num_heads == 0:
-            problems.append(f"decoder_num_heads {self.decoder_num_heads} is invalid for Dd {self.decoder_embed_dim}")
+            problems.append(
+                f"decoder_num_heads {self.decoder_num_heads} is invalid for Dd {self.decoder_embed_dim}"
+            )
         if self.arch not in ("cae", "mae"):
             problems.append(f"arch must be 'cae' or 'mae', got {self.arch!r}")
         if self.target not in ("dalle", "pixel"):
@@ -109,7 +111,9 @@ class CAEConfig:
 
     @property
     def has_projection(self) -> bool:
-        return self.decoder_embed_dim != self.embed_dim if self.use_projection is None else self.use_projection
+        return (
+            self.decoder_embed_dim != self.embed_dim if self.use_projection is None else self.use_projection
+        )
 
     @property
     def pred_dim(self) -> int:
@@ -173,7 +177,9 @@ def mask_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
     else:
         counts = mask.sum(dim=1)
         if bool((counts != counts[0]).any()):
-            raise ValueError(f"every row of the mask must mask the same number of patches, got {counts.tolist()}")
+            raise ValueError(
+                f"every row of the mask must mask the same number of patches, got {counts.tolist()}"
+            )
         nm = int(num_masked)
         if nm in (0, n):
             raise ValueError(f"the mask must leave at least one patch visible and one masked, got {nm}")
@@ -191,7 +197,9 @@ def parse_readout(readout: str, depth: int) -> tuple[str, int]:
         return readout, 1
     if readout.startswith("last") and readout[4:].isdigit() and 1 <= int(readout[4:]) <= depth:
         return "last", int(readout[4:])
-    raise ValueError(f"readout must be cls, mean, cls+mean or lastN with 1 <= N <= {depth} (e.g. last4), got {readout!r}")
+    raise ValueError(
+        f"readout must be cls, mean, cls+mean or lastN with 1 <= N <= {depth} (e.g. last4), got {readout!r}"
+    )
 
 
 def readout_dim(readout: str, embed_dim: int, depth: int) -> int:
@@ -219,11 +227,17 @@ class Encoder(nn.Module):
         self.cfg = cfg
         d = cfg.embed_dim
         self.patch_embed = PatchEmbed(
-            img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=d, strict_img_size=False
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=d,
+            strict_img_size=False,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Fixed sin-cos table, a buffer (never trained, never in the optimizer) but stored in checkpoints.
-        self.register_buffer("pos_embed", build_2d_sincos_position_embedding(cfg.grid_size, d), persistent=True)
+        self.register_buffer(
+            "pos_embed", build_2d_sincos_position_embedding(cfg.grid_size, d), persistent=True
+        )
         dpr = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(
@@ -452,7 +466,7 @@ class CAE(nn.Module):
         return self.forward_readouts(images, (readout,))[1][readout]
 
     def forward_readouts(self, images: Tensor, readouts: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        """One encoder pass for several readouts: (tokens [B, 1+N, D] after the final norm, {name: [B, F]})."""
+        """One encoder pass for several readouts: (final-norm tokens [B, 1+N, D], {name: [B, F]})."""
         parsed = {r: parse_readout(r, self.cfg.depth) for r in readouts}
         deepest = max((n for kind, n in parsed.values() if kind == "last"), default=0)
         x, inter = self.encoder.forward_intermediates(self.encoder.embed(images), None, range(-deepest, 0))
@@ -460,7 +474,9 @@ class CAE(nn.Module):
         out: dict[str, Tensor] = {}
         for r, (kind, n) in parsed.items():
             if kind == "last":
-                out[r] = torch.cat([block_readout(self.encoder.norm(t)) for t in inter[deepest - n :]], dim=-1)
+                out[r] = torch.cat(
+                    [block_readout(self.encoder.norm(t)) for t in inter[deepest - n :]], dim=-1
+                )
             else:
                 out[r] = cls if kind == "cls" else mean if kind == "mean" else torch.cat([cls, mean], dim=-1)
         return x, out
@@ -470,7 +486,9 @@ class CAE(nn.Module):
         norm and each block's cls token and patch-token mean through the final norm [B, depth, 2, D]
         (so that every readout, ``lastN`` included, is a slice of the outputs)."""
         x, inter = self.encoder.forward_intermediates(self.encoder.embed(images), None, range(self.cfg.depth))
-        blocks = torch.stack([block_readout(self.encoder.norm(t)).unflatten(-1, (2, -1)) for t in inter], dim=1)
+        blocks = torch.stack(
+            [block_readout(self.encoder.norm(t)).unflatten(-1, (2, -1)) for t in inter], dim=1
+        )
         return x, blocks
 
     def forward_block_readouts(self, images: Tensor) -> Tensor:
@@ -533,7 +551,9 @@ class CAE(nn.Module):
             return self._forward_mae(latent_visible, mask, vis_idx, msk_idx).pred
         return self.forward_decoder(self.forward_regressor(latent_visible, mask), mask)
 
-    def _forward_mae(self, latent_visible: Tensor, mask: Tensor, vis_idx: Tensor, msk_idx: Tensor) -> CAEOutput:
+    def _forward_mae(
+        self, latent_visible: Tensor, mask: Tensor, vis_idx: Tensor, msk_idx: Tensor
+    ) -> CAEOutput:
         """Ablation: MAE-style decoding. Mask tokens and visible latents (with positions) share one
         self-attention decoder; there is no regressor and no alignment target. (The regressor's
         parameters stay in the model, unused, so checkpoints keep one layout.)"""
@@ -541,7 +561,9 @@ class CAE(nn.Module):
         x_visible = self._project(latent_visible)[:, 1:]
         pos = self.rd_pos_embed[:, 1:].to(x_visible.dtype).expand(b, -1, -1)
         x_masked = self.mask_token.to(x_visible.dtype).expand(b, msk_idx.shape[1], -1)
-        x = torch.cat([x_visible + _gather_tokens(pos, vis_idx), x_masked + _gather_tokens(pos, msk_idx)], dim=1)
+        x = torch.cat(
+            [x_visible + _gather_tokens(pos, vis_idx), x_masked + _gather_tokens(pos, msk_idx)], dim=1
+        )
         for blk in self.decoder.decoder_blocks:
             x = blk(x)
         pred = self.decoder.head(self.decoder.norm(x[:, x_visible.shape[1] :]))
@@ -568,7 +590,9 @@ class CAE(nn.Module):
         mask = out.mask
         if self.cfg.target == "dalle":
             if target.dim() != 2 or target.shape != mask.shape:
-                raise ValueError(f"token targets must be [B, N] = {tuple(mask.shape)}, got {tuple(target.shape)}")
+                raise ValueError(
+                    f"token targets must be [B, N] = {tuple(mask.shape)}, got {tuple(target.shape)}"
+                )
             labels = _gather_tokens(target.unsqueeze(-1), mask_indices(mask)[1]).squeeze(-1)
             logits = out.pred.float().flatten(0, 1)
             labels = labels.flatten()
@@ -582,7 +606,9 @@ class CAE(nn.Module):
         if out.latent_pred.shape[-1] == 0:  # MAE-style ablation: nothing to align
             loss_align = loss_main.new_zeros(())
         else:
-            loss_align = self.cfg.align_loss_weight * F.mse_loss(out.latent_pred.float(), out.latent_target.float())
+            loss_align = self.cfg.align_loss_weight * F.mse_loss(
+                out.latent_pred.float(), out.latent_target.float()
+            )
         loss = self.cfg.recon_loss_weight * loss_main + loss_align
         losses = {"loss": loss, "loss_main": loss_main, "loss_align": loss_align}
         if acc is not None:
@@ -603,7 +629,9 @@ class CAE(nn.Module):
             orig = _gather_tokens(patches, msk_idx)
             mean, var = orig.mean(-1, keepdim=True), orig.var(-1, keepdim=True)
             pred = pred * (var + 1.0e-6) ** 0.5 + mean
-        patches = patches.scatter(1, msk_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), pred.to(patches.dtype))
+        patches = patches.scatter(
+            1, msk_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), pred.to(patches.dtype)
+        )
         return unpatchify(patches, self.cfg.patch_size, self.cfg.grid_size, self.cfg.in_chans)
 
     def extra_repr(self) -> str:
@@ -612,4 +640,3 @@ class CAE(nn.Module):
             f"img={c.img_size}/{c.patch_size} D={c.embed_dim} depth={c.depth} heads={c.num_heads} "
             f"Dd={c.decoder_embed_dim} reg={c.regressor_depth} dec={c.decoder_depth} target={c.target}"
         )
-

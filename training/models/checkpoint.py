@@ -106,7 +106,8 @@ def _load_ours(path: Path, overrides: Mapping[str, Any]) -> CAE:
                 )
             if meta.get("format_version") != FORMAT_VERSION:
                 raise CheckpointError(
-                    f"{path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION!r}"
+                    f"{path}: format_version {meta.get('format_version')!r}, "
+                    f"this code reads {FORMAT_VERSION!r}"
                 )
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except SafetensorError as e:
@@ -133,7 +134,9 @@ def safe_globals() -> list[Any]:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[no-redef]
     allowed += [_reconstruct, scalar, np.ndarray, np.dtype]
-    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool", "uint8")]
+    allowed += [
+        type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool", "uint8")
+    ]
     return allowed
 
 
@@ -150,7 +153,9 @@ def read_foreign_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"{path}: refused to load: the file pickles an object outside the allow-list ({msg}). "
                 "Only tensors, containers, argparse.Namespace and numpy arrays are accepted."
             ) from e
-        raise CheckpointError(f"{path}: damaged or unreadable torch checkpoint ({type(e).__name__}: {msg})") from e
+        raise CheckpointError(
+            f"{path}: damaged or unreadable torch checkpoint ({type(e).__name__}: {msg})"
+        ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return dict(obj)
@@ -165,7 +170,9 @@ def _find_state_dict(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
         sd = ckpt
     tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise CheckpointError("no tensors found (looked under 'model', 'module', 'state_dict' and the top level)")
+        raise CheckpointError(
+            "no tensors found (looked under 'model', 'module', 'state_dict' and the top level)"
+        )
     if all(k.startswith("module.") for k in tensors):
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     return tensors
@@ -194,7 +201,7 @@ def _sub_all(s: str, rules: list[tuple[str, str]]) -> str:
 
 
 def _from_mmpretrain(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """mmpretrain CAE (``backbone.*``, ``neck.*``; the teacher and target generator dropped) -> official names."""
+    """mmpretrain CAE (``backbone.*``, ``neck.*``; teacher and target generator dropped) -> official names."""
     out: dict[str, Tensor] = {}
     unknown = []
     for k, v in sd.items():
@@ -254,7 +261,9 @@ def _from_encoder_only(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
         elif k.startswith("norm.") and has_fc_norm:
             continue
         elif k.startswith("rel_pos_bias."):
-            raise CheckpointError("shared relative position bias (rel_pos_bias.*) is not supported; BEiT-style")
+            raise CheckpointError(
+                "shared relative position bias (rel_pos_bias.*) is not supported; BEiT-style"
+            )
         else:
             out["encoder." + k] = v
     return out
@@ -269,7 +278,8 @@ def _detect_flavour(sd: Mapping[str, Tensor]) -> str:
     if any(k.startswith("blocks.") for k in keys) and "patch_embed.proj.weight" in sd:
         return "encoder_only"
     raise CheckpointError(
-        "not a CAE checkpoint: expected official keys (encoder.blocks.*), mmpretrain keys (backbone.*/neck.*) "
+        "not a CAE checkpoint: expected official keys (encoder.blocks.*), "
+        "mmpretrain keys (backbone.*/neck.*) "
         f"or an encoder-only ViT (blocks.*, patch_embed.proj.weight); first keys: {keys[:5]}"
     )
 
@@ -287,30 +297,44 @@ def _heads_for_width(width: int, attn_width: int, candidates: list[tuple[int | N
 
     Candidates are (heads, where it came from); a guess (anything not explicit or official) is logged.
     """
-    tried = list(candidates) + [(width // hd, f"head_dim {hd} guess") for hd in (64, 32, 16, 8) if width % hd == 0]
+    tried = list(candidates) + [
+        (width // hd, f"head_dim {hd} guess") for hd in (64, 32, 16, 8) if width % hd == 0
+    ]
     for h, source in tried:
         if h and h > 0 and width // h > 0 and h * (width // h) == attn_width:
             if "guess" in source or "args.decoder_num_heads" in source:
                 _logger.warning(
                     "%s heads are not recorded in the checkpoint; using %d (%s). Pass num_heads=/"
                     "decoder_num_heads= (--num-heads/--decoder-num-heads) if that is wrong.",
-                    what, h, source,
+                    what,
+                    h,
+                    source,
                 )
             return h
-    raise CheckpointError(f"cannot infer the number of {what} heads for width {width} (attention width {attn_width})")
+    raise CheckpointError(
+        f"cannot infer the number of {what} heads for width {width} (attention width {attn_width})"
+    )
 
 
 def cfg_has_decoder_gamma(sd: Mapping[str, Tensor]) -> bool:
-    return "decoder.decoder_blocks.0.gamma_1" in sd or not any(k.startswith("decoder.decoder_blocks.") for k in sd)
+    return "decoder.decoder_blocks.0.gamma_1" in sd or not any(
+        k.startswith("decoder.decoder_blocks.") for k in sd
+    )
 
 
 def infer_config(
-    sd: Mapping[str, Tensor], args: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+    sd: Mapping[str, Tensor],
+    args: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> CAEConfig:
     """Build a :class:`CAEConfig` from official-named tensors; ``args`` is the saved Namespace, if any."""
     args = dict(args or {})
     overrides = dict(overrides or {})
-    need = ["encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "encoder.blocks.0.mlp.fc1.weight"]
+    need = [
+        "encoder.patch_embed.proj.weight",
+        "encoder.blocks.0.attn.qkv.weight",
+        "encoder.blocks.0.mlp.fc1.weight",
+    ]
     missing = [k for k in need if k not in sd]
     if missing:
         raise CheckpointError(f"checkpoint lacks required encoder tensors: {missing}")
@@ -329,8 +353,10 @@ def infer_config(
     hidden = sd["encoder.blocks.0.mlp.fc1.weight"].shape[0]
     attn_w = sd["encoder.blocks.0.attn.qkv.weight"].shape[0] // 3
     name = str(args.get("model", "")) or None
-    is_official_name = bool(name) and official_num_heads(d, name) is not None and name.startswith(
-        ("cae_tiny_", "cae_small_", "cae_base_", "cae_large_")
+    is_official_name = (
+        bool(name)
+        and official_num_heads(d, name) is not None
+        and name.startswith(("cae_tiny_", "cae_small_", "cae_base_", "cae_large_"))
     )
     # Heads are invisible in shapes. Official registered sizes have fixed heads (12; 16 for large);
     # custom builders (like the fixture's) pass one count to both encoder and decoder, saved as
@@ -358,14 +384,18 @@ def infer_config(
         mlp_ratio=hidden / d,
         mlp_hidden_dim=hidden if int(d * (hidden / d)) != hidden else None,
         qkv_bias="encoder.blocks.0.attn.q_bias" in sd,
-        init_values=float(args.get("layer_scale_init_value") or 0.1) if "encoder.blocks.0.gamma_1" in sd else 0.0,
+        init_values=float(args.get("layer_scale_init_value") or 0.1)
+        if "encoder.blocks.0.gamma_1" in sd
+        else 0.0,
         drop_path_rate=float(args.get("drop_path", 0.1)),
         use_rel_pos_bias="encoder.blocks.0.attn.relative_position_bias_table" in sd,
     )
     if "regresser.norm.weight" not in sd:
         cfg["encoder_only"] = True
         if "decoder_embed_dim" in overrides or any(k.startswith("decoder.") for k in sd):
-            raise CheckpointError("checkpoint has a decoder but no regressor (regresser.*): damaged or partial")
+            raise CheckpointError(
+                "checkpoint has a decoder but no regressor (regresser.*): damaged or partial"
+            )
     else:
         dd = sd["regresser.norm.weight"].shape[0]
         dec_attn_w = sd["regresser.regressor_blocks.0.cross_attn.q.weight"].shape[0]
@@ -388,9 +418,7 @@ def infer_config(
             decoder_mlp_hidden_dim=dec_hidden if int(dd * (dec_hidden / dd)) != dec_hidden else None,
             use_projection="encoder_to_regresser.weight" in sd,
             # official decoder blocks have no gammas when their init is 0 (regressor gammas always exist)
-            decoder_layer_scale_init_value=0.1
-            if cfg_has_decoder_gamma(sd)
-            else 0.0,
+            decoder_layer_scale_init_value=0.1 if cfg_has_decoder_gamma(sd) else 0.0,
             vocab_size=head_w.shape[0],
             target="dalle",
             align_loss_weight=float(args.get("align_loss_weight", 2.0)),
@@ -412,7 +440,9 @@ def _load_strict(model: CAE, sd: Mapping[str, Tensor], source: str) -> None:
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     if missing or unexpected:
-        raise CheckpointError(f"{source}: keys do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise CheckpointError(
+            f"{source}: keys do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if sd[k].shape != own[k].shape]
     if bad:
         raise CheckpointError(f"{source}: shape mismatch (key, file, model): {bad[:5]}")
@@ -422,7 +452,9 @@ def _load_strict(model: CAE, sd: Mapping[str, Tensor], source: str) -> None:
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
-def load_state_dict_any(path: str | Path, **overrides: Any) -> tuple[CAEConfig, dict[str, Tensor], dict[str, Any]]:
+def load_state_dict_any(
+    path: str | Path, **overrides: Any
+) -> tuple[CAEConfig, dict[str, Tensor], dict[str, Any]]:
     """Read an official, mmpretrain or encoder-only ``.pth`` and return (config, official-named state
     dict without duplicates, info)."""
     ckpt = read_foreign_checkpoint(path)
@@ -432,16 +464,29 @@ def load_state_dict_any(path: str | Path, **overrides: Any) -> tuple[CAEConfig, 
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def _interpret(ckpt: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[CAEConfig, dict[str, Tensor], dict[str, Any]]:
+def _interpret(
+    ckpt: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> tuple[CAEConfig, dict[str, Tensor], dict[str, Any]]:
     if ckpt.get("format") == "cae-service-train" and isinstance(ckpt.get("model_config"), Mapping):
         # our own training checkpoint: the exact config is stored, nothing to infer
         cfg = CAEConfig.from_dict({**ckpt["model_config"], **overrides})
-        info = {"flavour": "ours-train", "dropped_alignment_keys": 0, "args_model": None, "epoch": ckpt.get("epoch")}
+        info = {
+            "flavour": "ours-train",
+            "dropped_alignment_keys": 0,
+            "args_model": None,
+            "epoch": ckpt.get("epoch"),
+        }
         return cfg, dict(ckpt["model"]), info
     sd = _find_state_dict(ckpt)
     flavour = _detect_flavour(sd)
     args = ckpt.get("args")
-    args_d = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
+    args_d = (
+        vars(args)
+        if isinstance(args, argparse.Namespace)
+        else dict(args)
+        if isinstance(args, Mapping)
+        else {}
+    )
     if flavour == "mmpretrain":
         sd = _from_mmpretrain(sd)
     elif flavour == "encoder_only":
@@ -449,7 +494,9 @@ def _interpret(ckpt: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[C
     # The alignment encoder duplicates the encoder (momentum 0, aliased storage): drop it.
     dropped = [k for k in sd if k.startswith(("alignment_encoder.", "teacher."))]
     head = [k for k in sd if k.startswith("encoder.head.")]
-    sd = {k: v for k, v in sd.items() if not k.startswith(("alignment_encoder.", "teacher.", "encoder.head."))}
+    sd = {
+        k: v for k, v in sd.items() if not k.startswith(("alignment_encoder.", "teacher.", "encoder.head."))
+    }
     if head:
         _logger.info("dropped a fine-tuned classifier head (%s)", ", ".join(head))
     cfg = infer_config(sd, args_d, overrides)
@@ -478,7 +525,9 @@ def _sniff(path: Path) -> str:
         n = int.from_bytes(head[:8], "little")
         if 0 < n < size and head[8:9] == b"{":
             return "safetensors"
-    if head.startswith(_ZIP_MAGIC) or (head.startswith(_LEGACY_PICKLE_PREFIX) and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    if head.startswith(_ZIP_MAGIC) or (
+        head.startswith(_LEGACY_PICKLE_PREFIX) and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ):
         return "torch"
     raise CheckpointError(f"{path}: unknown file type (neither safetensors nor a torch checkpoint)")
 

@@ -52,7 +52,9 @@ def build_2d_sincos_position_embedding(
     return table
 
 
-def resample_abs_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:
+def resample_abs_pos_embed(
+    pos_embed: Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1
+) -> Tensor:
     """Bicubically resize a square position table [1, P+N, D] to ``new_grid`` (the downstream-task rule)."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     n, d = grid.shape[1], grid.shape[2]
@@ -113,7 +115,9 @@ class Attention(nn.Module):
         if window_size is not None:
             num_rel = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
             self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
-            self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+            self.register_buffer(
+                "relative_position_index", relative_position_index(window_size), persistent=False
+            )
         else:
             self.relative_position_bias_table = None
 
@@ -131,7 +135,9 @@ class Attention(nn.Module):
         attn_bias = None
         if self.relative_position_bias_table is not None:
             if x.shape[1] != self.relative_position_index.shape[0]:
-                raise ValueError("relative position bias needs all tokens (no masking, the trained image size)")
+                raise ValueError(
+                    "relative position bias needs all tokens (no masking, the trained image size)"
+                )
             attn_bias = self.rel_pos_bias().to(q.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
@@ -174,7 +180,9 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, head_dim=head_dim, window_size=window_size)
+        self.attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, head_dim=head_dim, window_size=window_size
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         hidden = mlp_hidden_dim or int(dim * mlp_ratio)
@@ -196,7 +204,9 @@ class Block(nn.Module):
 class CrossAttention(nn.Module):
     """Cross-attention with separate ``q``/``k``/``v`` projections, q/v biases and a zero k bias."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, head_dim: int | None = None) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, head_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim or dim // num_heads

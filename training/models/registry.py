@@ -1,9 +1,9 @@
 """Model registry: one small function per size, as timm and MAE do.
 
 Widths, depths and heads are the official ones (Atten4Vis/CAE ``models/modeling_cae.py``). The regressor
-and decoder use the official constructor defaults (Dd = D, depth 4/4, 12 heads, layer scale 0.1) except CAE-large, which is registered
-as the authors actually ran it: Dd = 768 with the 1024 -> 768 projection (their script drops the
-``--decoder_embed_dim 1024`` line), so released large checkpoints load into it unchanged.
+and decoder use the official constructor defaults (Dd = D, depth 4/4, 12 heads, layer scale 0.1) except
+CAE-large, which is registered as the authors actually ran it: Dd = 768 with the 1024 -> 768 projection (their
+script drops the ``--decoder_embed_dim 1024`` line), so released large checkpoints load into it unchanged.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def cae_base_patch16_224(**kwargs: Any) -> CAE:
 
 @register_model
 def cae_large_patch16_224(**kwargs: Any) -> CAE:
-    return _build(dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=768, init_values=1e-5), kwargs)
+    return _build(
+        dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=768, init_values=1e-5), kwargs
+    )
 
 
 # Encoder heads of the official registered functions, by width (heads are not visible in tensor shapes).

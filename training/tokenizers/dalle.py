@@ -69,12 +69,13 @@ __all__ = [
 class _PickledModuleStandIn:
     """Inert record of a pickled module object: the pickle may create it and set its state, nothing else.
 
-    It has no ``__init__``/``__call__``/``forward``; ``__setstate__`` only stores the state dict. Subclasses are
-    made per allowed name and per load by :func:`_make_stand_ins`.
+    It has no ``__init__``/``__call__``/``forward``; ``__setstate__`` only stores the state dict. Subclasses
+    are made per allowed name and per load by :func:`_make_stand_ins`.
     """
 
     pickled_name: str = "?"
-    # Read by torch's legacy loader when a saved class source differs from the current one; never dump patches.
+    # Read by torch's legacy loader when a saved class source differs from the current one; never dump
+    # patches.
     dump_patches: bool = False
 
     def __setstate__(self, state: Any) -> None:
@@ -103,8 +104,9 @@ class _PickledModuleStandIn:
 #     find_class returns only _LEGACY_ALLOWED_GLOBALS plus the names registered here.
 # Each module class name maps to a fresh inert stand-in (_PickledModuleStandIn subclass made per load), NOT to
 # the real class: the unpickler can only create it and hand it its state dict, so no code of dall_e or of
-# torch.nn runs. Anything else (os.system, builtins.eval, the real dall_e classes, ...) is refused before it can
-# be called. Nothing is put into sys.modules and the real dall_e package is never imported, installed or not.
+# torch.nn runs. Anything else (os.system, builtins.eval, the real dall_e classes, ...) is refused before it
+# can be called. Nothing is put into sys.modules and the real dall_e package is never imported, installed or
+# not.
 _ALLOWED_MODULE_NAMES: tuple[str, ...] = (
     "dall_e.encoder.Encoder",
     "dall_e.encoder.EncoderBlock",
@@ -147,8 +149,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     allowed: dict[str, Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        # Protocol-2 pickles written by Python 3 use Python 2 names (e.g. __builtin__.set); map them back as the
-        # default find_class would, without importing anything.
+        # Protocol-2 pickles written by Python 3 use Python 2 names (e.g. __builtin__.set); map them back as
+        # the default find_class would, without importing anything.
         if (module, name) in _compat_pickle.NAME_MAPPING:
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         elif module in _compat_pickle.IMPORT_MAPPING:
@@ -192,11 +194,13 @@ _REFUSAL_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"unsupported GLOBAL (\S+) whose module", "it references {0}, whose module is blocked"),
     (r"Trying to call reduce for unrecognized function (.+)", "it tries to call {0}"),
     (
-        r"Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` but got (.+)",
+        r"Can only create new object for nn.Parameter or classes allowlisted via `add_safe_globals` "
+        r"but got (.+)",
         "it tries to create {0}",
     ),
     (
-        r"Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, but got (.+)",
+        r"Can only build Tensor, Parameter, OrderedDict or types allowlisted via `add_safe_globals`, "
+        r"but got (.+)",
         "it tries to set the state of {0}",
     ),
 )
@@ -212,7 +216,7 @@ def _refusal_reason(message: str) -> str | None:
 
 
 def _torch_load_restricted(path: Path) -> Any:
-    """torch.load of ``path`` with only the allow-list resolvable (see the SECURITY note); refuses the rest."""
+    """torch.load of ``path`` resolving only the allow-list (see the SECURITY note); refuses the rest."""
     if not hasattr(torch.serialization, "safe_globals"):
         raise RuntimeError("converting encoder.pkl needs torch.serialization.safe_globals (torch >= 2.6)")
     stand_ins = _make_stand_ins()
@@ -238,8 +242,9 @@ def _torch_load_restricted(path: Path) -> Any:
         reason = _refusal_reason(str(e))
         if reason is not None:
             raise UnsafePickleError(
-                f"{path}: refused to unpickle: {reason}. Only the DALL-E encoder classes and tensor types are "
-                "allowed; the file was not loaded and none of its code ran. Do not load it with a "
+                f"{path}: refused to unpickle: {reason}. "
+                "Only the DALL-E encoder classes and tensor types are allowed; "
+                "the file was not loaded and none of its code ran. Do not load it with a "
                 "plain unpickle (torch.load(weights_only=False)) unless you trust its source."
             ) from None
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
@@ -363,8 +368,8 @@ def convert_openai_encoder(src: str | Path, dst: str | Path) -> dict[str, Tensor
     (see :data:`_ALLOWED_MODULE_NAMES`); a file that references anything else is refused with
     :class:`UnsafePickleError` and none of it runs. The parameters are gathered under the original key names,
     checked to load strictly into a :class:`DalleEncoder` of the inferred size, and written as float32 to
-    ``dst`` with metadata ``format``, ``content``, ``source_format``, ``source_file``, ``source_sha256`` and the
-    inferred config. Returns the state_dict that was written.
+    ``dst`` with metadata ``format``, ``content``, ``source_format``, ``source_file``, ``source_sha256`` and
+    the inferred config. Returns the state_dict that was written.
     """
     from safetensors.torch import save_file
 

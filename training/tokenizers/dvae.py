@@ -1,9 +1,11 @@
 """The OpenAI DALL-E dVAE encoder that produces CAE's token targets: model, tokenizer and its input view.
 
 * :class:`DalleEncoder` - a re-implementation of ``dall_e.encoder.Encoder`` (OpenAI's ``dall_e`` package) with
-  the same ``state_dict`` key names and shapes (``blocks.input.w``, ``blocks.group_1.block_1.res_path.conv_1.w``,
-  ..., ``blocks.output.conv.b``), and the same numerics, including the original's mixed precision on CUDA.
-* :func:`map_pixels` - the logit-Laplace input map ``x -> (1 - 2 eps) x + eps`` (eps = 0.1, i.e. ``0.8 x + 0.1``).
+  the same ``state_dict`` key names and shapes (``blocks.input.w``,
+  ``blocks.group_1.block_1.res_path.conv_1.w``, ..., ``blocks.output.conv.b``), and the same numerics,
+  including the original's mixed precision on CUDA.
+* :func:`map_pixels` - the logit-Laplace input map ``x -> (1 - 2 eps) x + eps`` (eps = 0.1:
+  ``0.8 x + 0.1``).
 * :class:`DalleTokenizer` - a frozen wrapper with ``get_codebook_indices(x01) -> LongTensor[B, (H/8)*(W/8)]``
   and ``from_safetensors(path)``.
 * :class:`DalleSecondView` - the tokenizer's view transform (Lanczos resize to 112, ToTensor, no mean/std).
@@ -61,9 +63,9 @@ class UnsafePickleError(DalleWeightsError):
     """A pickle referenced something outside the explicit allow-list; it was refused before it could run."""
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def map_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
@@ -77,11 +79,11 @@ def map_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
 
 
 class DalleConv2d(nn.Module):
-    """``dall_e.utils.Conv2d``: parameters ``w`` [n_out, n_in, kw, kw] and ``b`` [n_out], padding (kw - 1) // 2.
+    """``dall_e.utils.Conv2d``: parameters ``w`` [n_out, n_in, kw, kw] and ``b`` [n_out], padding (kw-1)//2.
 
     Numerics follow the original: when ``use_float16`` is set and the weights live on a CUDA device the input,
-    weight and bias are cast to float16 and the convolution runs in half precision; otherwise the input is cast
-    to float32. (The original uses ``use_float16=True`` for every conv except the final 1x1 output conv.)
+    weight and bias are cast to float16 and the convolution runs in half precision; otherwise the input is
+    cast to float32. (The original uses ``use_float16=True`` for every conv except the final 1x1 output conv.)
     """
 
     def __init__(
@@ -183,9 +185,9 @@ class DalleEncoder(nn.Module):
     """Re-implementation of OpenAI's ``dall_e.encoder.Encoder`` with identical ``state_dict`` keys and shapes.
 
     ``blocks`` = input conv (7x7, ``input_channels -> n_hid``), groups ``group_1 .. group_{G}`` of
-    ``n_blk_per_group`` :class:`DalleEncoderBlock` each with widths ``1, 2, 4, 8 x n_hid`` (``2**(g-1) x n_hid``)
-    and a ``pool`` = MaxPool2d(2) after every group but the last, then ``output`` = ReLU + 1x1 conv to
-    ``vocab_size`` logits (this conv is never run in float16). The released encoder has group_count=4
+    ``n_blk_per_group`` :class:`DalleEncoderBlock` each with widths ``1, 2, 4, 8 x n_hid`` (``2**(g-1) x
+    n_hid``) and a ``pool`` = MaxPool2d(2) after every group but the last, then ``output`` = ReLU + 1x1 conv
+    to ``vocab_size`` logits (this conv is never run in float16). The released encoder has group_count=4
     (downsampling 8), n_hid=256, n_blk_per_group=2, input_channels=3, vocab_size=8192.
 
     ``half_precision_on_cuda`` (default True, as the original) runs every conv except the output conv in
@@ -283,7 +285,8 @@ def infer_encoder_config(state_dict: Mapping[str, Tensor]) -> DalleEncoderConfig
     w_in, w_out = state_dict["blocks.input.w"], state_dict["blocks.output.conv.w"]
     if w_in.ndim != 4 or w_out.ndim != 4:
         raise DalleWeightsError(
-            f"blocks.input.w / blocks.output.conv.w must be 4d, got {tuple(w_in.shape)} / {tuple(w_out.shape)}"
+            "blocks.input.w / blocks.output.conv.w must be 4d, "
+            f"got {tuple(w_in.shape)} / {tuple(w_out.shape)}"
         )
     groups = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.group_(\d+)\.", k))}
     if not groups or groups != set(range(1, max(groups) + 1)):
@@ -321,7 +324,7 @@ def build_encoder(state_dict: Mapping[str, Tensor], *, half_precision_on_cuda: b
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors weights file (FileNotFoundError, or DalleWeightsError if damaged)."""
+    """Tensors and metadata of a safetensors weights file (FileNotFoundError; DalleWeightsError: damaged)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -337,9 +340,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenizer and its view transform
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class DalleTokenizer(nn.Module):
@@ -414,7 +417,7 @@ class DalleTokenizer(nn.Module):
         """Load a safetensors file written by :func:`convert_openai_encoder` (or any Encoder state_dict).
 
         The vocabulary size, n_hid, group count and blocks per group are inferred from the tensor shapes.
-        Raises FileNotFoundError for a missing file and :class:`DalleWeightsError` for a damaged or foreign one.
+        Raises FileNotFoundError for a missing file, :class:`DalleWeightsError` for a damaged or foreign one.
         """
         path = Path(path)
         state_dict, metadata = read_safetensors(path)
@@ -441,11 +444,12 @@ class DalleSecondView:
     """The tokenizer's input view, as in the official CAE pipeline (torchvision-compatible).
 
     Call it on the PIL image of the SAME flipped and cropped region as the encoder view, before any resizing:
-    the official ``RandomResizedCropAndInterpolationWithTwoPic`` (after ``RandomHorizontalFlip``) draws one crop
-    box and resizes it twice from the original pixels, to 224 bicubic for the encoder and to
-    ``second_input_size`` = 112 with Lanczos for the tokenizer. So pass ``img.crop(box)`` (flipped as the encoder
-    view), not the 224x224 encoder image. It returns ``ToTensor`` output: float32 [3, size, size] in [0, 1].
-    No mean/std normalization: :func:`map_pixels` is applied inside :meth:`DalleTokenizer.get_codebook_indices`.
+    the official ``RandomResizedCropAndInterpolationWithTwoPic`` (after ``RandomHorizontalFlip``) draws one
+    crop box and resizes it twice from the original pixels, to 224 bicubic for the encoder and to
+    ``second_input_size`` = 112 with Lanczos for the tokenizer. So pass ``img.crop(box)`` (flipped as the
+    encoder view), not the 224x224 encoder image. It returns ``ToTensor`` output: float32 [3, size, size] in
+    [0, 1]. No mean/std normalization: :func:`map_pixels` is applied inside
+    :meth:`DalleTokenizer.get_codebook_indices`.
     """
 
     def __init__(self, size: int | tuple[int, int] = 112) -> None:
