@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,9 @@ class DenseModelSection:
     channels: int = 64  # UperNet channels, or the FPN width for Mask R-CNN
     drop_path_rate: float = 0.1
     freeze_encoder: bool = False
+    # detect: class-agnostic NMS IoU threshold applied to the model's (per-class NMS) outputs in evaluation
+    # and prediction grids, as the service applies it (service/dense.py); None: off
+    agnostic_nms_iou: float | None = None
 
 
 @dataclass
@@ -55,6 +57,12 @@ class DenseDataSection:
     root: str = "runs/scenes"  # holds ade/ (segment) and coco/ (detect), as `training/run.py scenes` writes
     num_workers: int = 0
     hflip: float = 0.5
+    # Training-time augmentation beyond the flip (each off at its default, drawing no random numbers):
+    # a random crop of crop_min..1 of each side (geometric: garments zoomed in, cut at the border), and a
+    # brightness/contrast/gamma/noise jitter (photometric) with probability `photometric`.
+    crop_prob: float = 0.0
+    crop_min: float = 1.0
+    photometric: float = 0.0
     limit_train: int | None = None
     limit_val: int | None = None
 
@@ -132,16 +140,54 @@ def load_dense_config(task: str, name_or_path: str | None, overrides: list[str] 
 
 
 # ---------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Augment:
+    """The data section's crop/photometric options (see DenseDataSection)."""
+
+    crop_prob: float = 0.0
+    crop_min: float = 1.0
+    photometric: float = 0.0
+
+    @classmethod
+    def of(cls, data: DenseDataSection) -> Augment:
+        return cls(data.crop_prob, data.crop_min, data.photometric)
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int] | None:
+        """(x0, y0, x1, y1) of a random crop, or None (no crop). Sides drawn independently: aspect jitter."""
+        if self.crop_prob <= 0 or self.crop_min >= 1 or rng.random() >= self.crop_prob:
+            return None
+        cw = max(8, round(width * rng.uniform(self.crop_min, 1.0)))
+        ch = max(8, round(height * rng.uniform(self.crop_min, 1.0)))
+        x0, y0 = rng.randint(0, max(width - cw, 0)), rng.randint(0, max(height - ch, 0))
+        return x0, y0, min(x0 + cw, width), min(y0 + ch, height)
+
+    def jitter(self, x: Tensor, rng: random.Random) -> Tensor:
+        """[0, 1] image -> brightness/contrast/gamma (and sometimes noise) jittered, still in [0, 1]."""
+        if self.photometric <= 0 or rng.random() >= self.photometric:
+            return x
+        x = x.clamp(0, 1) ** rng.uniform(0.75, 1.33)
+        x = (x - x.mean()) * rng.uniform(0.75, 1.25) + x.mean() + rng.uniform(-0.1, 0.1)
+        if rng.random() < 0.3:  # sensor-like noise, seeded from the same stream
+            g = torch.Generator().manual_seed(rng.getrandbits(31))
+            x = x + torch.randn(x.shape[-2:], generator=g) * rng.uniform(0.0, 0.05)
+        return x.clamp(0, 1)
+
+
 class _SegTransform:
-    def __init__(self, size: int, mean: list[float], std: list[float], hflip: float, train: bool) -> None:
+    def __init__(self, size: int, mean: list[float], std: list[float], hflip: float, train: bool,
+                 augment: Augment | None = None) -> None:  # fmt: skip
         self.size, self.mean, self.std, self.hflip, self.train = size, mean, std, hflip, train
+        self.augment = augment if train and augment else Augment()
 
     def __call__(self, img: Image.Image, label: np.ndarray, rng: random.Random) -> tuple[Tensor, Tensor]:
+        box = self.augment.crop_box(img.width, img.height, rng)
+        if box is not None:
+            img, label = img.crop(box), label[box[1] : box[3], box[0] : box[2]]
         lab = Image.fromarray(label)
         if img.size != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
             lab = lab.resize((self.size, self.size), Image.Resampling.NEAREST)
-        x = normalize(to_tensor(img), self.mean, self.std)
+        x = normalize(self.augment.jitter(to_tensor(img), rng), self.mean, self.std)
         y = torch.from_numpy(np.array(lab, dtype=np.int64))
         if self.train and rng.random() < self.hflip:
             x, y = x.flip(-1), y.flip(-1)
@@ -162,9 +208,10 @@ class _SegData(Dataset):
 
 class _DetData(Dataset):
     def __init__(self, source: Dataset, size: int, mean: list[float], std: list[float], hflip: float, train: bool,
-                 seed: int) -> None:  # fmt: skip
+                 seed: int, augment: Augment | None = None) -> None:  # fmt: skip
         self.source, self.size, self.mean, self.std = source, size, mean, std
         self.hflip, self.train, self.seed, self.epoch = hflip, train, seed, 0
+        self.augment = augment if train and augment else Augment()
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
@@ -174,22 +221,44 @@ class _DetData(Dataset):
         w, h = img.size
         boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
         masks = torch.as_tensor(np.asarray(t["masks"]), dtype=torch.uint8).reshape(-1, h, w)
+        labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
+        rng = random.Random(hash((self.seed, self.epoch, i, "augment")))
+        box = self.augment.crop_box(w, h, rng)
+        if box is not None:
+            cm = masks[:, box[1] : box[3], box[0] : box[2]]
+            keep = cm.flatten(1).sum(1) >= 8  # objects (nearly) cut away leave the target
+            if bool(keep.any()):  # a crop without any object is not taken
+                img, masks, labels = img.crop(box), cm[keep], labels[keep]
+                boxes = _mask_boxes(masks)
+                w, h = img.size
         if (w, h) != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
             boxes = boxes * torch.tensor([self.size / w, self.size / h] * 2)
             masks = torch.nn.functional.interpolate(masks[None].float(), size=(self.size, self.size), mode="nearest")[0]
             masks = masks.to(torch.uint8)
-        x = normalize(to_tensor(img), self.mean, self.std)
+        x = normalize(self.augment.jitter(to_tensor(img), rng), self.mean, self.std)
         if self.train and random.Random(hash((self.seed, self.epoch, i))).random() < self.hflip:
             x, masks = x.flip(-1), masks.flip(-1)
             boxes = torch.stack([self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], dim=1)
         target = {
             "boxes": boxes,
-            "labels": torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1),
+            "labels": labels,
             "masks": masks,
             "image_id": torch.tensor(int(t["image_id"])),
         }
         return x, target
+
+
+def _mask_boxes(masks: Tensor) -> Tensor:
+    """Tight xyxy boxes [N, 4] of non-empty masks [N, H, W] (x2 = last column + 1, as the COCO boxes)."""
+    rows, cols = masks.any(2), masks.any(1)
+    idx_r = torch.arange(masks.shape[1]).expand_as(rows)
+    idx_c = torch.arange(masks.shape[2]).expand_as(cols)
+    y0 = torch.where(rows, idx_r, masks.shape[1]).min(1).values
+    y1 = torch.where(rows, idx_r, -1).max(1).values + 1
+    x0 = torch.where(cols, idx_c, masks.shape[2]).min(1).values
+    x1 = torch.where(cols, idx_c, -1).max(1).values + 1
+    return torch.stack([x0, y0, x1, y1], dim=1).float()
 
 
 def _collate_det(batch: list[Any]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
@@ -264,8 +333,19 @@ def evaluate_segmentation(model: CAESegmenter, loader: DataLoader, num_classes: 
     return meter.compute()
 
 
+def agnostic_nms(out: dict[str, Tensor], iou: float | None) -> dict[str, Tensor]:
+    """One image's detections after class-agnostic NMS (torchvision's rule, as the service's numpy one)."""
+    if iou is None or len(out["boxes"]) < 2:
+        return out
+    from torchvision.ops import nms
+
+    keep = nms(out["boxes"].float(), out["scores"].float(), iou)
+    return {k: v[keep] for k, v in out.items()}
+
+
 @torch.no_grad()
-def evaluate_detection(model: nn.Module, loader: DataLoader, source: Any, device: torch.device) -> dict[str, Any]:
+def evaluate_detection(model: nn.Module, loader: DataLoader, source: Any, device: torch.device,
+                       nms_iou: float | None = None) -> dict[str, Any]:  # fmt: skip
     from .metrics import coco_evaluate, masks_to_rle
 
     model.eval()
@@ -273,7 +353,7 @@ def evaluate_detection(model: nn.Module, loader: DataLoader, source: Any, device
     seen: list[int] = []
     cat_ids = list(source.cat_ids)
     for images, targets in loader:
-        outs = model([im.to(device) for im in images])
+        outs = [agnostic_nms(o, nms_iou) for o in model([im.to(device) for im in images])]
         for out, tgt in zip(outs, targets, strict=True):
             seen.append(int(tgt["image_id"]))
             boxes = out["boxes"].cpu().numpy()
@@ -309,13 +389,17 @@ def _denorm(x: Tensor, pre: dict[str, Any]) -> np.ndarray:
 
 @torch.no_grad()
 def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str, Any], path: Path,
-                         device: torch.device, n: int = 6, scale: int = 3,
-                         score_threshold: float = 0.5) -> None:  # fmt: skip
-    """PNG rows: image | ground truth | prediction (segment: colour label maps; detect: boxes + masks
-    of the detections scoring above ``score_threshold``)."""
-    from PIL import ImageDraw
+                         device: torch.device, n: int = 6, scale: int = 3, score_threshold: float = 0.5,
+                         classes: list[str] | None = None, nms_iou: float | None = None) -> None:  # fmt: skip
+    """PNG rows: image | ground truth | prediction, over a legend of the class colours (training/dense/grid.py).
+    Segment: colour label maps; detect: masks, boxes and "<class> <score>" tags of the detections scoring
+    above ``score_threshold`` after the class-agnostic NMS at ``nms_iou`` (None: off). ``scale`` is kept
+    for callers; tiles are sized by grid.TILE."""
+    from .grid import compose_grid, det_tile, seg_tile
 
     model.eval()
+    k = max(len(_PALETTE), 11)
+    names = list(classes) if classes else [str(i) for i in range(k)]
     rows = []
     for i in range(min(n, len(ds))):  # type: ignore[arg-type]
         x, y = ds[i]
@@ -323,29 +407,15 @@ def save_prediction_grid(model: nn.Module, ds: Dataset, task: str, pre: dict[str
         if task == "segment":
             pred = model(x[None].to(device)).argmax(1)[0].cpu().numpy()
             gt = np.where(y.numpy() == 255, 0, y.numpy())
-            tiles = [img, _PALETTE[gt % len(_PALETTE)], _PALETTE[pred % len(_PALETTE)]]
+            rows.append([det_tile(img, np.zeros((0, 4)), [], names), seg_tile(gt), seg_tile(pred)])
         else:
-            out = model([x.to(device)])[0]
+            out = agnostic_nms(model([x.to(device)])[0], nms_iou)
             keep = out["scores"] > score_threshold
-            tiles = []
-            for boxes, labels, masks in ((y["boxes"], y["labels"], y["masks"]),
-                                         (out["boxes"][keep], out["labels"][keep], out["masks"][keep, 0] > 0.5)):  # fmt: skip
-                canvas = img.copy()
-                for m, lab in zip(masks.cpu().numpy().astype(bool), labels.tolist(), strict=True):
-                    canvas[m] = (0.5 * canvas[m] + 0.5 * _PALETTE[lab % len(_PALETTE)]).astype(np.uint8)
-                pil = Image.fromarray(canvas).resize((img.shape[1] * scale, img.shape[0] * scale), Image.Resampling.NEAREST)
-                draw = ImageDraw.Draw(pil)
-                for b, lab in zip(boxes.cpu().tolist(), labels.tolist(), strict=True):
-                    draw.rectangle([v * scale for v in b], outline=tuple(int(c) for c in _PALETTE[lab % len(_PALETTE)]))
-                tiles.append(np.asarray(pil))
-            tiles = [np.asarray(Image.fromarray(img).resize(tiles[0].shape[1::-1], Image.Resampling.NEAREST))] + tiles
-        if task == "segment":
-            tiles = [np.asarray(Image.fromarray(t).resize((t.shape[1] * scale, t.shape[0] * scale), Image.Resampling.NEAREST)) for t in tiles]
-        rows.append(np.concatenate(tiles, axis=1))
-    grid = np.concatenate(rows, axis=0)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+            gt_tile = det_tile(img, y["boxes"].numpy(), y["labels"].tolist(), names, None, y["masks"].numpy())
+            pr_tile = det_tile(img, out["boxes"][keep].cpu().numpy(), out["labels"][keep].tolist(), names,
+                               out["scores"][keep].tolist(), (out["masks"][keep, 0] > 0.5).cpu().numpy())  # fmt: skip
+            rows.append([det_tile(img, np.zeros((0, 4)), [], names), gt_tile, pr_tile])
+    compose_grid(rows, names, path)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -393,14 +463,20 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
     src_tr, src_va, classes = _datasets(cfg)
     num_classes = len(classes)
     model, pre, encoder_id, cae = build_dense_model(cfg, num_classes, seed=cfg.runtime.seed)
+    scenes_json = Path(cfg.data.root) / "scenes.json"
+    if scenes_json.is_file():  # the generator preset rides along into the bundle spec (export/dense_export.py)
+        sj = json.loads(scenes_json.read_text())
+        pre["scenes"] = {"version": sj.get("scene_version", "v1"), "settings": sj.get("settings")}
     model.to(device)
     size, mean, std = cfg.model.img_size, list(pre["mean"]), list(pre["std"])
     if cfg.task == "segment":
-        ds_tr: Any = _SegData(_limit(src_tr, cfg.data.limit_train), _SegTransform(size, mean, std, cfg.data.hflip, True), cfg.runtime.seed)
+        ds_tr: Any = _SegData(_limit(src_tr, cfg.data.limit_train),
+                              _SegTransform(size, mean, std, cfg.data.hflip, True, Augment.of(cfg.data)), cfg.runtime.seed)  # fmt: skip
         ds_va: Any = _SegData(_limit(src_va, cfg.data.limit_val), _SegTransform(size, mean, std, 0.0, False), cfg.runtime.seed)
         collate = None
     else:
-        ds_tr = _DetData(_limit(src_tr, cfg.data.limit_train), size, mean, std, cfg.data.hflip, True, cfg.runtime.seed)
+        ds_tr = _DetData(_limit(src_tr, cfg.data.limit_train), size, mean, std, cfg.data.hflip, True, cfg.runtime.seed,
+                         Augment.of(cfg.data))  # fmt: skip
         ds_va = _DetData(_limit(src_va, cfg.data.limit_val), size, mean, std, 0.0, False, cfg.runtime.seed)
         collate = _collate_det
     bs = min(cfg.optim.batch_size, len(ds_tr))
@@ -508,7 +584,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
             if cfg.task == "segment":
                 res = evaluate_segmentation(model, loader_va, num_classes, device, cfg.runtime.precision)
             else:
-                res = evaluate_detection(model, loader_va, src_va, device)
+                res = evaluate_detection(model, loader_va, src_va, device, cfg.model.agnostic_nms_iou)
             _logger.info("%s eval after epoch %d (%.1f s): %s", cfg.task, epoch + 1, time.perf_counter() - t_eval,
                          {k: v for k, v in res.items() if k != "per_class_iou"})  # fmt: skip
             log({"kind": "eval", "epoch": epoch, "step": (epoch + 1) * steps, **res})
@@ -517,7 +593,11 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
                       "generator": gen.get_state(), "config": json.dumps(cfg.to_dict())}, ck_path)  # fmt: skip
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         if last or (epoch + 1) % max(cfg.runtime.vis_every_epochs, 1) == 0:
-            save_prediction_grid(model, ds_va, cfg.task, pre, out / f"predictions-{epoch:04d}.png", device)
+            try:  # a picture must never cost the run its model
+                save_prediction_grid(model, ds_va, cfg.task, pre, out / f"predictions-{epoch:04d}.png", device,
+                                     classes=classes, nms_iou=cfg.model.agnostic_nms_iou)  # fmt: skip
+            except Exception:  # noqa: BLE001
+                _logger.exception("prediction grid failed")
 
     final = out / f"{cfg.task}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
