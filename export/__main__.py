@@ -54,7 +54,8 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
         spec = export_bundle(args.checkpoint, args.out_dir, tasks=tasks, image_size=args.image_size,
                              opset=args.opset, fp16=args.fp16, int8=args.int8, segment=args.segment,
                              detect=args.detect, scenes_root=args.scenes,
-                             detect_score_threshold=args.detect_score_threshold)  # fmt: skip
+                             detect_score_threshold=args.detect_score_threshold,
+                             detect_nms_iou=None if args.detect_nms_iou < 0 else args.detect_nms_iou)  # fmt: skip
     except (ExportError, CheckpointError) as e:
         _logger.error("%s", e)
         return 2
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--detect", default=None, help="a trained detection head (detect.safetensors) to add")
     o.add_argument("--detect-score-threshold", type=float, default=0.5,
                    help="the service's default score threshold for /detect, recorded in spec.json")
+    o.add_argument("--detect-nms-iou", type=float, default=0.5,
+                   help="IoU threshold of the service's class-agnostic NMS for /detect (spec.json); < 0: off")
     o.add_argument("--scenes", default=None, help="scenes benchmark folder: its validation images join the parity inputs")
     o.add_argument("--json", action="store_true", help="print spec.json on stdout")
     o.set_defaults(func=_cmd_onnx)

@@ -9,7 +9,9 @@ segment|detect``) into a bundle, with parity checks against PyTorch.
   TorchScript exporter handles its data-dependent control flow, torch.export does not yet.
 
 Each task entry carries its own ``image`` preprocessing (the heads run at their training size, not the
-encoder's pretraining size) and ``classes`` (index 0 = background).
+encoder's pretraining size), ``classes`` (index 0 = background) and, when the head recorded them, the
+``scenes`` it was trained on (``version``: the generator preset, e.g. "v2"; ``settings``). ``detect``
+also records ``score_threshold`` and ``nms_iou_threshold`` (the service's class-agnostic NMS).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def _image_spec(pre: dict[str, Any], cfg: Any, patch: int) -> dict[str, Any]:
         "interpolation": pre.get("interpolation", "bicubic"),
         "color": "rgb",
         "resize_rule": "resize the whole image to size x size (no crop), then scale to [0,1], then (x-mean)/std",
+        "input_size": [s, s],
         "patch_size": patch,
         "grid": [s // patch, s // patch],
         "num_patches": (s // patch) ** 2,
@@ -77,6 +80,12 @@ def _real_inputs(pre: dict[str, Any], size: int, root: Path | None, n: int = 4) 
         img = Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         out.append(((np.asarray(img, np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
     return np.stack(out).astype(np.float32)
+
+
+def _scenes_entry(pre: dict[str, Any]) -> dict[str, Any]:
+    """``{"scenes": {...}}`` when the head recorded its training scenes (training/dense/train.py), else {}."""
+    scenes = pre.get("scenes")
+    return {"scenes": scenes} if isinstance(scenes, dict) else {}
 
 
 def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generator,
@@ -117,12 +126,14 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
         "variants": {},
         "image": _image_spec(pre, cfg, model.backbone.patch_size),
         "classes": list(classes),
+        **_scenes_entry(pre),
         "source_sha256": _sha256(head),
     }
 
 
 def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generator,
-                  scenes_root: Path | None = None, score_threshold: float = 0.5) -> dict[str, Any]:  # fmt: skip
+                  scenes_root: Path | None = None, score_threshold: float = 0.5,
+                  nms_iou_threshold: float | None = 0.5) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
 
     model, cfg, pre, classes = load_dense_model(head)
@@ -182,5 +193,7 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
         "image": _image_spec(pre, cfg, model.backbone.body.patch_size),
         "classes": list(classes),
         "score_threshold": score_threshold,
+        **({} if nms_iou_threshold is None else {"nms_iou_threshold": nms_iou_threshold, "nms": "class_agnostic"}),
+        **_scenes_entry(pre),
         "source_sha256": _sha256(head),
     }

@@ -265,6 +265,7 @@ def export_bundle(
     detect: str | Path | None = None,
     scenes_root: str | Path | None = None,
     detect_score_threshold: float = 0.5,
+    detect_nms_iou: float | None = 0.5,
 ) -> dict[str, Any]:
     """Write a bundle for ``checkpoint`` into ``out_dir`` and return its spec. ``segment`` / ``detect``:
     trained dense heads (``training/run.py segment|detect``) to add as ``segment.onnx`` / ``detect.onnx``;
@@ -337,6 +338,8 @@ def export_bundle(
     root = Path(scenes_root) if scenes_root else None
     if not 0.0 <= detect_score_threshold <= 1.0:
         raise ExportError(f"detect score threshold must be in [0, 1], got {detect_score_threshold}")
+    if detect_nms_iou is not None and not 0.0 <= detect_nms_iou <= 1.0:
+        raise ExportError(f"detect NMS IoU threshold must be in [0, 1], got {detect_nms_iou}")
     for name, head in (("segment", segment), ("detect", detect)):
         if head is None:
             continue
@@ -345,7 +348,7 @@ def export_bundle(
         if name == "segment":
             spec_tasks[name] = export_segment(Path(head), out, opset, rng, root)
         else:
-            spec_tasks[name] = export_detect(Path(head), out, opset, rng, root, detect_score_threshold)
+            spec_tasks[name] = export_detect(Path(head), out, opset, rng, root, detect_score_threshold, detect_nms_iou)
 
     spec: dict[str, Any] = {
         "format": BUNDLE_FORMAT,

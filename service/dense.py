@@ -7,7 +7,9 @@ gives smooth class boundaries; argmax-then-nearest would give ``H/h``-pixel stai
 is done in row chunks, so memory stays ``O(C * chunk * W)`` even for large images; the cost is
 ``O(C * H * W)``.
 
-Detections: boxes come in input pixels of the ``S x S`` model input and are scaled by ``W/S`` and
+Detections: the graph's NMS is per class; ``select_detections`` adds a class-agnostic NMS (IoU threshold
+``nms_iou_threshold`` of the task's spec entry, off when absent) so that one garment gives one box. Boxes
+come in input pixels of the ``S x S`` model input and are scaled by ``W/S`` and
 ``H/S`` back to original pixels (then clipped to the image). Instance masks (probabilities at the input
 resolution) are resized bilinearly to ``H x W`` and thresholded at ``MASK_THRESHOLD`` (> 0.5 is in).
 
@@ -315,11 +317,47 @@ def scale_boxes(boxes: np.ndarray, input_size: int, width: int, height: int) -> 
     return np.clip(out, 0.0, np.array([width, height, width, height], dtype=np.float64))
 
 
-def select_detections(scores: np.ndarray, score_threshold: float, max_detections: int) -> np.ndarray:
-    """Indices of the detections kept: score >= threshold, best first, at most ``max_detections``."""
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU [N, M] of xyxy boxes [N, 4] and [M, 4] (areas (x2 - x1) * (y2 - y1), as torchvision's)."""
+    a, b = a.astype(np.float64).reshape(-1, 4), b.astype(np.float64).reshape(-1, 4)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def agnostic_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Class-agnostic greedy NMS: indices kept, best score first. A box is dropped when its IoU with a
+    better-scoring kept box is **greater** than ``iou_threshold`` (torchvision.ops.nms's rule), whatever
+    the classes: the graph's NMS is per class, so one garment can come back as two classes."""
+    scores = scores.reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    if order.size == 0:
+        return order.astype(np.intp)
+    iou = box_iou(boxes[order], boxes[order])
+    alive = np.ones(order.size, dtype=bool)
+    keep = []
+    for k in range(order.size):
+        if not alive[k]:
+            continue
+        keep.append(k)
+        alive &= ~(iou[k] > iou_threshold)
+    return order[np.asarray(keep, dtype=np.intp)]
+
+
+def select_detections(scores: np.ndarray, score_threshold: float, max_detections: int,
+                      boxes: np.ndarray | None = None, nms_iou: float | None = None) -> np.ndarray:  # fmt: skip
+    """Indices of the detections kept: score >= threshold, then (with ``boxes`` and ``nms_iou``)
+    class-agnostic NMS at ``nms_iou``, best first, at most ``max_detections``."""
     scores = scores.reshape(-1)
     keep = np.flatnonzero(scores >= score_threshold)
     keep = keep[np.argsort(-scores[keep], kind="stable")]  # the graph sorts; do not rely on it
+    if boxes is not None and nms_iou is not None and keep.size > 1:
+        keep = keep[agnostic_nms(boxes.reshape(-1, 4)[keep], scores[keep], nms_iou)]
     return keep[:max_detections]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import data as D
@@ -13,6 +13,9 @@ from . import data as D
 __all__ = ["Preprocessing", "PreprocessingError"]
 
 _logger = logging.getLogger("training")
+
+
+_KNOWN = ("img_size", "mean", "std", "interpolation", "color", "dataset", "class_names", "source")
 
 
 class PreprocessingError(ValueError):
@@ -34,9 +37,10 @@ class Preprocessing:
     color: str = "rgb"
     dataset: str | None = None
     class_names: list[str] | None = None
-    source: str = (
-        "metadata.preprocess"  # metadata.preprocess | metadata.run_config | preset NAME | imagenet-default
-    )
+    # metadata.preprocess | metadata.run_config | preset NAME | imagenet-default
+    source: str = "metadata.preprocess"
+    # keys of a recorded entry this type does not interpret (the dense heads' ``scenes``), kept as they are
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_dataset(
@@ -69,6 +73,7 @@ class Preprocessing:
                 "color": self.color,
                 "dataset": self.dataset,
                 "class_names": self.class_names,
+                **self.extra,
             }
         )
 
@@ -80,6 +85,7 @@ class Preprocessing:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "source": self.source,
+            **self.extra,
         }
 
     @classmethod
@@ -99,6 +105,7 @@ class Preprocessing:
                     dataset=pre.get("dataset"),
                     class_names=pre.get("class_names"),
                     source=str(pre.get("source", "metadata.preprocess")),
+                    extra={k: v for k, v in pre.items() if k not in _KNOWN},
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise PreprocessingError(f"unreadable 'preprocess' metadata in the checkpoint ({e})") from e

@@ -38,9 +38,10 @@ def detect_one(
     score_threshold: float,
     max_detections: int,
     masks: MaskFormat,
+    nms_iou: float | None = None,
 ) -> dict[str, Any]:
     w, h = d.size
-    keep = dense.select_detections(outs["scores"], score_threshold, max_detections)
+    keep = dense.select_detections(outs["scores"], score_threshold, max_detections, outs["boxes"], nms_iou)
     boxes = dense.scale_boxes(outs["boxes"][keep], input_size, w, h)
     labels = outs["labels"].reshape(-1)[keep].astype(np.int64)
     scores = outs["scores"].reshape(-1)[keep]
@@ -109,8 +110,10 @@ async def detect(
         outputs = await batcher.submit({"images": stack(decoded)}, deadline=deadline, ticket=ticket)
     t2 = time.perf_counter()
     size = bundle.image_for(TASK).size
+    nms_iou = bundle.spec["tasks"][TASK].get("nms_iou_threshold")  # class-agnostic NMS; absent: off (older bundles)
     calls = [
-        functools.partial(detect_one, o, d, classes, size, score_threshold, max_detections, masks)
+        functools.partial(detect_one, o, d, classes, size, score_threshold, max_detections, masks,
+                          None if nms_iou is None else float(nms_iou))  # fmt: skip
         for o, d in zip(outputs, decoded, strict=True)
     ]
     results = await in_pool(runtime, deadline, "post-processing", calls)

@@ -34,6 +34,9 @@ class DenseModelSection:
     channels: int = 64  # UperNet channels, or the FPN width for Mask R-CNN
     drop_path_rate: float = 0.1
     freeze_encoder: bool = False
+    # detect: class-agnostic NMS IoU threshold applied to the model's (per-class NMS) outputs in evaluation
+    # and prediction grids, as the service applies it (service/dense.py); None: off
+    agnostic_nms_iou: float | None = None
 
 
 @dataclass
@@ -41,6 +44,12 @@ class DenseDataSection:
     root: str = "runs/scenes"  # holds ade/ (segment) and coco/ (detect), as `training/run.py scenes` writes
     num_workers: int = 0
     hflip: float = 0.5
+    # Training-time augmentation beyond the flip (each off at its default, drawing no random numbers):
+    # a random crop of crop_min..1 of each side (geometric: garments zoomed in, cut at the border), and a
+    # brightness/contrast/gamma/noise jitter (photometric) with probability `photometric`.
+    crop_prob: float = 0.0
+    crop_min: float = 1.0
+    photometric: float = 0.0
     limit_train: int | None = None
     limit_val: int | None = None
 

@@ -7,15 +7,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..files import atomic_path
 from ..runtime import autocast, resolve_precision
+from .grid import PALETTE as _PALETTE
 from .models import CAESegmenter
 
-__all__ = ["evaluate_detection", "evaluate_segmentation", "save_prediction_grid"]
+__all__ = ["agnostic_nms", "evaluate_detection", "evaluate_segmentation", "save_prediction_grid"]
 
 
 @torch.no_grad()
@@ -33,9 +32,19 @@ def evaluate_segmentation(
     return meter.compute()
 
 
+def agnostic_nms(out: dict[str, Tensor], iou: float | None) -> dict[str, Tensor]:
+    """One image's detections after class-agnostic NMS (torchvision's rule, as the service's numpy one)."""
+    if iou is None or len(out["boxes"]) < 2:
+        return out
+    from torchvision.ops import nms
+
+    keep = nms(out["boxes"].float(), out["scores"].float(), iou)
+    return {k: v[keep] for k, v in out.items()}
+
+
 @torch.no_grad()
 def evaluate_detection(
-    model: nn.Module, loader: DataLoader, source: Any, device: torch.device
+    model: nn.Module, loader: DataLoader, source: Any, device: torch.device, nms_iou: float | None = None
 ) -> dict[str, Any]:
     from .metrics import coco_evaluate, masks_to_rle
 
@@ -44,7 +53,7 @@ def evaluate_detection(
     seen: list[int] = []
     cat_ids = list(source.cat_ids)
     for images, targets in loader:
-        outs = model([im.to(device) for im in images])
+        outs = [agnostic_nms(o, nms_iou) for o in model([im.to(device) for im in images])]
         for out, tgt in zip(outs, targets, strict=True):
             seen.append(int(tgt["image_id"]))
             boxes = out["boxes"].cpu().numpy()
@@ -66,26 +75,6 @@ def evaluate_detection(
     return res
 
 
-_PALETTE = np.array(
-    [
-        [0, 0, 0],
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-        [240, 50, 230],
-        [210, 245, 60],
-        [250, 190, 212],
-        [0, 128, 128],
-        [220, 190, 255],
-    ],
-    dtype=np.uint8,
-)
-
-
 def _denorm(x: Tensor, pre: dict[str, Any]) -> np.ndarray:
     m = torch.tensor(pre["mean"]).view(3, 1, 1)
     s = torch.tensor(pre["std"]).view(3, 1, 1)
@@ -103,12 +92,18 @@ def save_prediction_grid(
     n: int = 6,
     scale: int = 3,
     score_threshold: float = 0.5,
+    classes: list[str] | None = None,
+    nms_iou: float | None = None,
 ) -> None:
-    """PNG rows: image | ground truth | prediction (segment: colour label maps; detect: boxes + masks
-    of the detections scoring above ``score_threshold``)."""
-    from PIL import ImageDraw
+    """PNG rows: image | ground truth | prediction, over a legend of the class colours (:mod:`.grid`).
+    Segment: colour label maps; detect: masks, boxes and "<class> <score>" tags of the detections scoring
+    above ``score_threshold`` after the class-agnostic NMS at ``nms_iou`` (None: off). ``scale`` is kept
+    for callers; tiles are sized by grid.TILE."""
+    from .grid import compose_grid, det_tile, seg_tile
 
     model.eval()
+    k = max(len(_PALETTE), 11)
+    names = list(classes) if classes else [str(i) for i in range(k)]
     rows = []
     for i in range(min(n, len(ds))):  # type: ignore[arg-type]
         x, y = ds[i]
@@ -116,40 +111,18 @@ def save_prediction_grid(
         if task == "segment":
             pred = model(x[None].to(device)).argmax(1)[0].cpu().numpy()
             gt = np.where(y.numpy() == 255, 0, y.numpy())
-            tiles = [img, _PALETTE[gt % len(_PALETTE)], _PALETTE[pred % len(_PALETTE)]]
+            rows.append([det_tile(img, np.zeros((0, 4)), [], names), seg_tile(gt), seg_tile(pred)])
         else:
-            out = model([x.to(device)])[0]
+            out = agnostic_nms(model([x.to(device)])[0], nms_iou)
             keep = out["scores"] > score_threshold
-            tiles = []
-            for boxes, labels, masks in (
-                (y["boxes"], y["labels"], y["masks"]),
-                (out["boxes"][keep], out["labels"][keep], out["masks"][keep, 0] > 0.5),
-            ):
-                canvas = img.copy()
-                for m, lab in zip(masks.cpu().numpy().astype(bool), labels.tolist(), strict=True):
-                    canvas[m] = (0.5 * canvas[m] + 0.5 * _PALETTE[lab % len(_PALETTE)]).astype(np.uint8)
-                pil = Image.fromarray(canvas).resize(
-                    (img.shape[1] * scale, img.shape[0] * scale), Image.Resampling.NEAREST
-                )
-                draw = ImageDraw.Draw(pil)
-                for b, lab in zip(boxes.cpu().tolist(), labels.tolist(), strict=True):
-                    draw.rectangle(
-                        [v * scale for v in b], outline=tuple(int(c) for c in _PALETTE[lab % len(_PALETTE)])
-                    )
-                tiles.append(np.asarray(pil))
-            tiles = [
-                np.asarray(Image.fromarray(img).resize(tiles[0].shape[1::-1], Image.Resampling.NEAREST))
-            ] + tiles
-        if task == "segment":
-            tiles = [
-                np.asarray(
-                    Image.fromarray(t).resize(
-                        (t.shape[1] * scale, t.shape[0] * scale), Image.Resampling.NEAREST
-                    )
-                )
-                for t in tiles
-            ]
-        rows.append(np.concatenate(tiles, axis=1))
-    grid = np.concatenate(rows, axis=0)
-    with atomic_path(path, fsync=False) as tmp:
-        Image.fromarray(grid).save(tmp, format="PNG")
+            gt_tile = det_tile(img, y["boxes"].numpy(), y["labels"].tolist(), names, None, y["masks"].numpy())
+            pr_tile = det_tile(
+                img,
+                out["boxes"][keep].cpu().numpy(),
+                out["labels"][keep].tolist(),
+                names,
+                out["scores"][keep].tolist(),
+                (out["masks"][keep, 0] > 0.5).cpu().numpy(),
+            )
+            rows.append([det_tile(img, np.zeros((0, 4)), [], names), gt_tile, pr_tile])
+    compose_grid(rows, names, path)

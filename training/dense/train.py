@@ -17,29 +17,32 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from ..config import ConfigError, build_dataclass
-from ..data import normalize, to_tensor
 from ..files import atomic_torch_save
 from ..models.cae import CAE, CAEConfig
 from ..optim import cosine_lr, finetune_param_groups
 from ..preprocess import Preprocessing, PreprocessingError
 from ..runtime import autocast, resolve_device, resolve_precision, seed_everything
 from ..tracking import MetricsWriter, fmt_eta
-from .config import DENSE_CONFIG_DIR, TASKS, DenseConfig, list_dense_presets, load_dense_config
+from .config import (
+    DENSE_CONFIG_DIR,
+    TASKS,
+    DenseConfig,
+    list_dense_presets,
+    load_dense_config,
+)
 from .datasets import collate_detection
 from .evaluate import evaluate_detection, evaluate_segmentation, save_prediction_grid
 from .models import CAEPyramid, CAESegmenter, build_mask_rcnn
+from .samples import Augment, DetSamples, SegSamples, SegTransform, limit_dataset
 
 __all__ = [
     "DENSE_CONFIG_DIR",
@@ -54,85 +57,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("training.dense")
-
-
-# ---------------------------------------------------------------------------------------------- data
-class _SegTransform:
-    def __init__(self, size: int, mean: list[float], std: list[float], hflip: float, train: bool) -> None:
-        self.size, self.mean, self.std, self.hflip, self.train = size, mean, std, hflip, train
-
-    def __call__(self, img: Image.Image, label: np.ndarray, rng: random.Random) -> tuple[Tensor, Tensor]:
-        lab = Image.fromarray(label)
-        if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
-            lab = lab.resize((self.size, self.size), Image.Resampling.NEAREST)
-        x = normalize(to_tensor(img), self.mean, self.std)
-        y = torch.from_numpy(np.array(lab, dtype=np.int64))
-        if self.train and rng.random() < self.hflip:
-            x, y = x.flip(-1), y.flip(-1)
-        return x, y
-
-
-class _SegData(Dataset):
-    def __init__(self, source: Dataset, transform: _SegTransform, seed: int) -> None:
-        self.source, self.transform, self.seed, self.epoch = source, transform, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.source)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        img, label = self.source[i]
-        return self.transform(img, label, random.Random(hash((self.seed, self.epoch, i))))
-
-
-class _DetData(Dataset):
-    def __init__(
-        self,
-        source: Dataset,
-        size: int,
-        mean: list[float],
-        std: list[float],
-        hflip: float,
-        train: bool,
-        seed: int,
-    ) -> None:
-        self.source, self.size, self.mean, self.std = source, size, mean, std
-        self.hflip, self.train, self.seed, self.epoch = hflip, train, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.source)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        img, t = self.source[i]
-        w, h = img.size
-        boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
-        masks = torch.as_tensor(np.asarray(t["masks"]), dtype=torch.uint8).reshape(-1, h, w)
-        if (w, h) != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
-            boxes = boxes * torch.tensor([self.size / w, self.size / h] * 2)
-            masks = torch.nn.functional.interpolate(
-                masks[None].float(), size=(self.size, self.size), mode="nearest"
-            )[0]
-            masks = masks.to(torch.uint8)
-        x = normalize(to_tensor(img), self.mean, self.std)
-        if self.train and random.Random(hash((self.seed, self.epoch, i))).random() < self.hflip:
-            x, masks = x.flip(-1), masks.flip(-1)
-            boxes = torch.stack(
-                [self.size - boxes[:, 2], boxes[:, 1], self.size - boxes[:, 0], boxes[:, 3]], dim=1
-            )
-        target = {
-            "boxes": boxes,
-            "labels": torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1),
-            "masks": masks,
-            "image_id": torch.tensor(int(t["image_id"])),
-        }
-        return x, target
-
-
-def _limit(ds: Dataset, n: int | None) -> Dataset:
-    if n is None or n >= len(ds):  # type: ignore[arg-type]
-        return ds
-    return Subset(ds, list(range(n)))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -231,23 +155,40 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
     src_tr, src_va, classes = _datasets(cfg)
     num_classes = len(classes)
     model, pre, encoder_id, cae = build_dense_model(cfg, num_classes, seed=cfg.runtime.seed)
+    scenes_json = Path(cfg.data.root) / "scenes.json"
+    if (
+        scenes_json.is_file()
+    ):  # the generator preset rides along into the bundle spec (export/dense_export.py)
+        sj = json.loads(scenes_json.read_text())
+        pre["scenes"] = {"version": sj.get("scene_version", "v1"), "settings": sj.get("settings")}
     model.to(device)
     size, mean, std = cfg.model.img_size, list(pre["mean"]), list(pre["std"])
     if cfg.task == "segment":
-        ds_tr: Any = _SegData(
-            _limit(src_tr, cfg.data.limit_train),
-            _SegTransform(size, mean, std, cfg.data.hflip, True),
+        ds_tr: Any = SegSamples(
+            limit_dataset(src_tr, cfg.data.limit_train),
+            SegTransform(size, mean, std, cfg.data.hflip, True, Augment.of(cfg.data)),
             cfg.runtime.seed,
         )
-        ds_va: Any = _SegData(
-            _limit(src_va, cfg.data.limit_val), _SegTransform(size, mean, std, 0.0, False), cfg.runtime.seed
+        ds_va: Any = SegSamples(
+            limit_dataset(src_va, cfg.data.limit_val),
+            SegTransform(size, mean, std, 0.0, False),
+            cfg.runtime.seed,
         )
         collate = None
     else:
-        ds_tr = _DetData(
-            _limit(src_tr, cfg.data.limit_train), size, mean, std, cfg.data.hflip, True, cfg.runtime.seed
+        ds_tr = DetSamples(
+            limit_dataset(src_tr, cfg.data.limit_train),
+            size,
+            mean,
+            std,
+            cfg.data.hflip,
+            True,
+            cfg.runtime.seed,
+            Augment.of(cfg.data),
         )
-        ds_va = _DetData(_limit(src_va, cfg.data.limit_val), size, mean, std, 0.0, False, cfg.runtime.seed)
+        ds_va = DetSamples(
+            limit_dataset(src_va, cfg.data.limit_val), size, mean, std, 0.0, False, cfg.runtime.seed
+        )
         collate = collate_detection
     bs = min(cfg.optim.batch_size, len(ds_tr))
     steps = max(len(ds_tr) // bs, 1)
@@ -405,7 +346,7 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
             if cfg.task == "segment":
                 res = evaluate_segmentation(model, loader_va, num_classes, device, cfg.runtime.precision)
             else:
-                res = evaluate_detection(model, loader_va, src_va, device)
+                res = evaluate_detection(model, loader_va, src_va, device, cfg.model.agnostic_nms_iou)
             _logger.info(
                 "%s eval after epoch %d (%.1f s): %s",
                 cfg.task,
@@ -428,7 +369,19 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
         )
         plot_loss_curve(metrics_path, out / "loss_curve.png")
         if last or (epoch + 1) % max(cfg.runtime.vis_every_epochs, 1) == 0:
-            save_prediction_grid(model, ds_va, cfg.task, pre, out / f"predictions-{epoch:04d}.png", device)
+            try:  # a picture must never cost the run its model
+                save_prediction_grid(
+                    model,
+                    ds_va,
+                    cfg.task,
+                    pre,
+                    out / f"predictions-{epoch:04d}.png",
+                    device,
+                    classes=classes,
+                    nms_iou=cfg.model.agnostic_nms_iou,
+                )
+            except Exception:  # noqa: BLE001
+                _logger.exception("prediction grid failed")
 
     final = out / f"{cfg.task}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
