@@ -129,7 +129,7 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
     try:
         summary = generate_scenes(args.out, n_train=args.train, n_test=args.test, size=args.size, seed=args.seed,
                                   min_objects=args.min_objects, max_objects=args.max_objects,
-                                  overwrite=args.overwrite)  # fmt: skip
+                                  overwrite=args.overwrite, preset=args.preset)  # fmt: skip
     except (DataError, FileExistsError, ValueError) as e:
         _logger.error("%s", e)
         return 2
@@ -179,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.add_argument("--train", type=int, default=4000, help="training scenes (from the train split only)")
     g.add_argument("--test", type=int, default=1000, help="validation scenes (from the test split only)")
-    g.add_argument("--size", type=int, default=64)
-    g.add_argument("--min-objects", type=int, default=2)
-    g.add_argument("--max-objects", type=int, default=4)
+    g.add_argument("--size", type=int, default=None, help="fixed square canvas (default: 64 for v1, else the preset's range)")
+    g.add_argument("--min-objects", type=int, default=None, help="default: the preset's (v1: 2)")
+    g.add_argument("--max-objects", type=int, default=None, help="default: the preset's (v1: 4)")
+    g.add_argument("--preset", default="v1", help="v1 (black 64-px scenes), v2 (varied) or shifted (outside v2's ranges)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=_cmd_scenes)
