@@ -141,6 +141,7 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
             min_objects=args.min_objects,
             max_objects=args.max_objects,
             overwrite=args.overwrite,
+            preset=args.preset,
         )
     except (DataError, FileExistsError, ValueError) as e:
         _logger.error("%s", e)
@@ -206,9 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.add_argument("--train", type=int, default=4000, help="training scenes (from the train split only)")
     g.add_argument("--test", type=int, default=1000, help="validation scenes (from the test split only)")
-    g.add_argument("--size", type=int, default=64)
-    g.add_argument("--min-objects", type=int, default=2)
-    g.add_argument("--max-objects", type=int, default=4)
+    g.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="fixed square canvas (default: 64 for v1, else the preset's range)",
+    )
+    g.add_argument("--min-objects", type=int, default=None, help="default: the preset's (v1: 2)")
+    g.add_argument("--max-objects", type=int, default=None, help="default: the preset's (v1: 4)")
+    g.add_argument(
+        "--preset", default="v1", help="v1 (black 64-px scenes), v2 (varied) or shifted (outside v2's ranges)"
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=_cmd_scenes)

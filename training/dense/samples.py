@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from ..data import normalize, to_tensor
 from .config import DenseDataSection
 
-__all__ = ["Augment", "DetSamples", "SegSamples", "SegTransform", "limit_dataset"]
+__all__ = ["Augment", "DetSamples", "SegSamples", "SegTransform", "limit_dataset", "mask_boxes"]
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,14 @@ class DetSamples(Dataset):
         boxes = torch.as_tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)
         masks = torch.as_tensor(np.asarray(t["masks"]), dtype=torch.uint8).reshape(-1, h, w)
         labels = torch.as_tensor(t["labels"], dtype=torch.int64).reshape(-1)
-        rng = random.Random(hash((self.seed, self.epoch, i, "augment")))
+        rng = random.Random(hash((self.seed, self.epoch, i, 7919)))  # ints only: hash() is stable across runs
         box = self.augment.crop_box(w, h, rng)
         if box is not None:
             cm = masks[:, box[1] : box[3], box[0] : box[2]]
             keep = cm.flatten(1).sum(1) >= 8  # objects (nearly) cut away leave the target
             if bool(keep.any()):  # a crop without any object is not taken
                 img, masks, labels = img.crop(box), cm[keep], labels[keep]
-                boxes = _mask_boxes(masks)
+                boxes = mask_boxes(masks)
                 w, h = img.size
         if (w, h) != (self.size, self.size):
             img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
@@ -153,9 +153,10 @@ class DetSamples(Dataset):
         return x, target
 
 
-def _mask_boxes(masks: Tensor) -> Tensor:
+def mask_boxes(masks: Tensor) -> Tensor:
     """Tight xyxy boxes [N, 4] of non-empty masks [N, H, W] (x2 = last column + 1, as the COCO boxes)."""
-    rows, cols = masks.any(2), masks.any(1)
+    m = masks.bool()
+    rows, cols = m.any(2), m.any(1)
     idx_r = torch.arange(masks.shape[1]).expand_as(rows)
     idx_c = torch.arange(masks.shape[2]).expand_as(cols)
     y0 = torch.where(rows, idx_r, masks.shape[1]).min(1).values

@@ -409,7 +409,7 @@ def generate_scenes(
     seed: int = 0,
     fmnist_root: str | Path = FMNIST_DIR,
     overwrite: bool = False,
-    preset: str = "v1",
+    preset: str | SceneSettings = "v1",
 ) -> dict[str, Any]:
     """Write the scenes (see the module docstring) and return their summary.
 
@@ -417,9 +417,12 @@ def generate_scenes(
     counts, class histograms and paths relative to ``out_dir``) plus ``out_dir`` itself. An existing
     ``ade``/``coco``/``scenes.json`` under ``out_dir`` raises ``FileExistsError`` unless ``overwrite``.
     """
-    if preset not in PRESETS:
+    if isinstance(preset, SceneSettings):  # a custom variant (tests: v2 without black backgrounds)
+        settings, preset = preset, preset.name
+    elif preset not in PRESETS:
         raise ValueError(f"unknown scene preset {preset!r}; presets: {sorted(PRESETS)}")
-    settings = PRESETS[preset]
+    else:
+        settings = PRESETS[preset]
     if preset == "v1" and size is None:
         size = 64
     min_objects = settings.objects[0] if min_objects is None else min_objects
