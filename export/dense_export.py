@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .onnx_export import ExportError, _export, _session, _sha256
+from service.bundle_format import sha256_file
+
+from .onnx_common import ExportError, export_graph, ort_session
 
 _logger = logging.getLogger("export")
 
@@ -87,13 +89,13 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
     model.eval()
     s = cfg.model.img_size
     path = out_dir / "segment.onnx"
-    _export(model, (torch.from_numpy(rng.standard_normal((2, 3, s, s)).astype(np.float32)),), path,
+    export_graph(model, (torch.from_numpy(rng.standard_normal((2, 3, s, s)).astype(np.float32)),), path,
             ["images"], ["logits"], opset)  # fmt: skip
     feeds = [rng.standard_normal((3, 3, s, s)).astype(np.float32)]
     real = _real_inputs(pre, s, scenes_root)
     if real is not None:
         feeds.append(real)
-    sess = _session(path)
+    sess = ort_session(path)
     worst, agree = 0.0, 1.0
     for x in feeds:
         (ours,) = sess.run(None, {"images": x})
@@ -117,7 +119,7 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
         "variants": {},
         "image": _image_spec(pre, cfg, model.backbone.patch_size),
         "classes": list(classes),
-        "source_sha256": _sha256(head),
+        "source_sha256": sha256_file(head),
     }
 
 
@@ -146,7 +148,7 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
     if real is not None:
         feeds += [real[i : i + 1] for i in range(len(real))]
     feeds.append(np.full((1, 3, s, s), -float(np.array(pre["mean"]).mean() / np.array(pre["std"]).mean()), np.float32))
-    sess = _session(path)
+    sess = ort_session(path)
     w_box = w_score = w_mask = 0.0
     total = 0
     for x in feeds:
@@ -182,5 +184,5 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
         "image": _image_spec(pre, cfg, model.backbone.body.patch_size),
         "classes": list(classes),
         "score_threshold": score_threshold,
-        "source_sha256": _sha256(head),
+        "source_sha256": sha256_file(head),
     }
