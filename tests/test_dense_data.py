@@ -7,7 +7,6 @@ drew from.
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from tests.helpers import TEST_CLASSES, TRAIN_CLASSES, make_fake_fmnist, write_idx
 from training.data import FMNIST_CLASSES, DataError
 from training.dense import scenes as S
 from training.dense.datasets import CocoInstances, SegmentationFolder, collate_detection
@@ -27,32 +27,6 @@ from training.dense.metrics import SegmentationMeter, coco_evaluate, masks_to_rl
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 SCENE_ARGS = dict(n_train=6, n_test=4, size=48, min_objects=2, max_objects=4, seed=3)
-TRAIN_CLASSES, TEST_CLASSES = range(0, 5), range(5, 10)
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def make_fake_fmnist(root: Path, n_train: int = 12, n_test: int = 8, seed: int = 0) -> Path:
-    """Rectangular 'garments' on a 0 background; train dim with classes 0-4, test bright with classes 5-9."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, n, (lo, hi), classes in (
-        ("train", n_train, (100, 140), TRAIN_CLASSES),
-        ("t10k", n_test, (200, 240), TEST_CLASSES),
-    ):
-        images = np.zeros((n, 28, 28), dtype=np.uint8)
-        for i in range(n):
-            h, w = rng.integers(14, 25, size=2)
-            y, x = rng.integers(0, 28 - h + 1), rng.integers(0, 28 - w + 1)
-            images[i, y : y + h, x : x + w] = rng.integers(lo, hi + 1, size=(h, w))
-        labels = np.array([classes[i % len(classes)] for i in range(n)], dtype=np.uint8)
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +274,7 @@ def test_data_errors(tmp_path, fake_fmnist, scenes):
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         S.generate_scenes(tmp_path / "g1", fmnist_root=tmp_path / "no_fmnist", **SCENE_ARGS)
     bad = make_fake_fmnist(tmp_path / "bad_fmnist")
-    _write_idx(bad / "train-labels-idx1-ubyte.gz", np.full(12, 11, np.uint8))
+    write_idx(bad / "train-labels-idx1-ubyte.gz", np.full(12, 11, np.uint8))
     with pytest.raises(DataError, match="labels outside"):
         S.generate_scenes(tmp_path / "g2", fmnist_root=bad, **SCENE_ARGS)
 
