@@ -85,7 +85,8 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
                    scenes_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
 
-    model, cfg, pre, classes = load_dense_model(head)
+    loaded: tuple[Any, Any, dict[str, Any], list[str]] = load_dense_model(head)
+    model, cfg, pre, classes = loaded
     model.eval()
     s = cfg.model.img_size
     path = out_dir / "segment.onnx"
@@ -127,7 +128,8 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
                   scenes_root: Path | None = None, score_threshold: float = 0.5) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
 
-    model, cfg, pre, classes = load_dense_model(head)
+    loaded: tuple[Any, Any, dict[str, Any], list[str]] = load_dense_model(head)
+    model, cfg, pre, classes = loaded
     graph = DetectGraph(model).eval()
     s = cfg.model.img_size
     path = out_dir / "detect.onnx"

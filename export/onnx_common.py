@@ -25,9 +25,10 @@ def export_graph(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_
     dynamic_shapes = tuple({0: batch} for _ in args)
     try:
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, input_names=input_names, output_names=output_names,
-            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+            module, args, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
         )  # fmt: skip
+        assert program is not None  # dynamo=True always returns the program
         program.save(str(path), external_data=False)
     except Exception as e:
         raise ExportError(f"ONNX export of {path.name} failed: {type(e).__name__}: {str(e)[:500]}") from e
@@ -57,4 +58,5 @@ def validate_spec(spec: dict[str, Any]) -> None:
     try:
         bundle_format.validate_spec(spec)
     except jsonschema.ValidationError as e:
-        raise ExportError(f"spec.json does not match {bundle_format.SCHEMA_NAME}: {e.message} at {list(e.absolute_path)}") from e
+        where = list(e.absolute_path)
+        raise ExportError(f"spec.json does not match {bundle_format.SCHEMA_NAME}: {e.message} at {where}") from e

@@ -137,8 +137,8 @@ def real_images(pre: Preprocess, n: int = 8) -> np.ndarray | None:
         img, _ = ds[i * 997 % len(ds)]
         img = img.resize((pre.size, pre.size), Image.Resampling.BICUBIC)
         x = np.asarray(img, dtype=np.float32) / 255.0
-        x = (x - np.array(pre.mean, dtype=np.float32)) / np.array(pre.std, dtype=np.float32)
-        imgs.append(x.transpose(2, 0, 1))
+        z = (x - np.array(pre.mean, dtype=np.float32)) / np.array(pre.std, dtype=np.float32)
+        imgs.append(z.transpose(2, 0, 1))
     return np.stack(imgs).astype(np.float32)
 
 

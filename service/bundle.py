@@ -120,7 +120,7 @@ def _validate_schema(spec: dict[str, Any]) -> None:
     try:
         validate_spec(spec)
     except FileNotFoundError:  # a broken install: the schema is package data
-        _logger.info("%s not found in the service package: spec.json checked field by field only", SCHEMA_NAME)
+        _logger.info("%s missing from the service package: spec.json checked field by field", SCHEMA_NAME)
         return
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"

@@ -181,7 +181,7 @@ def probe_inputs(bundle: Bundle, task: str = "embed", rows: int = 4) -> dict[str
                 x[r, rng.choice(n, k, replace=False)] = True
             out[t["name"]] = x
         elif len(shape) == 4:
-            out[t["name"]] = _image_like(shape, seed=i)  # type: ignore[arg-type]
+            out[t["name"]] = _image_like(shape, seed=i)
         else:
             out[t["name"]] = np.random.default_rng(i).standard_normal(shape).astype(t["dtype"])
     return out
@@ -422,8 +422,8 @@ def select_backend(
         raise BackendUnavailable(f"unknown backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
     if backend != "auto" and precision != "auto":
         loaded = _explicit(backend, precision, bundle, options)
-        skipped = [f"{t}: {backend} {precision}: {why}" for t, why in loaded.unavailable.items()]
-        return Selection(loaded, f"{backend} {precision} as configured", None, skipped)
+        refused = [f"{t}: {backend} {precision}: {why}" for t, why in loaded.unavailable.items()]
+        return Selection(loaded, f"{backend} {precision} as configured", None, refused)
     if backend != "auto":
         reason = BACKENDS[backend].probe()
         if reason:

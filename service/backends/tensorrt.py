@@ -74,7 +74,7 @@ class _Engine:
     def _make_allocator(self) -> Any:
         trt, buffers = self.trt, self.buffers
 
-        class Allocator(trt.IOutputAllocator):
+        class Allocator(trt.IOutputAllocator):  # type: ignore[misc,name-defined]  # untyped module
             def __init__(self) -> None:
                 super().__init__()
                 self.shapes: dict[str, tuple[int, ...]] = {}

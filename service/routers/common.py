@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,7 +25,7 @@ NPY = "application/x-npy"
 T = TypeVar("T")
 
 
-async def in_pool(runtime: Runtime, deadline: float, what: str, calls: list[Callable[[], T]]) -> list[T]:
+async def in_pool(runtime: Runtime, deadline: float, what: str, calls: Sequence[Callable[[], T]]) -> list[T]:
     """Run ``calls`` in the decode pool (off the event loop, in parallel) within the request deadline."""
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(runtime.decode_pool, c) for c in calls]
