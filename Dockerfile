@@ -25,7 +25,6 @@ print('\n'.join(d['project']['dependencies'] + d['project']['optional-dependenci
  && python -c "import openvino as ov; assert 'CPU' in ov.Core().available_devices"
 # ^ OpenVINO on CPU only: its GPU/NPU plugins and non-ONNX frontends are ~70 MB this image never uses
 COPY service ./service
-COPY export/spec_schema.json ./export/spec_schema.json
 COPY models/default ./models/default
 RUN python -c "import service" && ! python -c "import torch" 2>/dev/null
 ENV CAE_MODEL_DIR=/app/models/default CAE_HOST=0.0.0.0 CAE_PORT=8000 PYTHONPATH=/app
@@ -48,7 +47,6 @@ deps = d['project']['dependencies'] + d['project']['optional-dependencies']['ser
 print('\n'.join(x for x in deps if not x.startswith('onnxruntime')))" > /tmp/req.txt \
  && pip install -r /tmp/req.txt 'onnxruntime-gpu>=1.18' 'tensorrt>=10.0' && rm /tmp/req.txt
 COPY service ./service
-COPY export/spec_schema.json ./export/spec_schema.json
 COPY models/default ./models/default
 ENV CAE_MODEL_DIR=/app/models/default CAE_HOST=0.0.0.0 CAE_PORT=8000 CAE_BACKEND=auto PYTHONPATH=/app
 USER cae

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .onnx_export import ExportError, _export, _session, _sha256
+from service.bundle_format import sha256_file
+
+from .onnx_common import ExportError, export_graph, ort_session
 
 _logger = logging.getLogger("export")
 
@@ -92,17 +94,18 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
                    scenes_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
 
-    model, cfg, pre, classes = load_dense_model(head)
+    loaded: tuple[Any, Any, dict[str, Any], list[str]] = load_dense_model(head)
+    model, cfg, pre, classes = loaded
     model.eval()
     s = cfg.model.img_size
     path = out_dir / "segment.onnx"
-    _export(model, (torch.from_numpy(rng.standard_normal((2, 3, s, s)).astype(np.float32)),), path,
+    export_graph(model, (torch.from_numpy(rng.standard_normal((2, 3, s, s)).astype(np.float32)),), path,
             ["images"], ["logits"], opset)  # fmt: skip
     feeds = [rng.standard_normal((3, 3, s, s)).astype(np.float32)]
     real = _real_inputs(pre, s, scenes_root)
     if real is not None:
         feeds.append(real)
-    sess = _session(path)
+    sess = ort_session(path)
     worst, agree = 0.0, 1.0
     for x in feeds:
         (ours,) = sess.run(None, {"images": x})
@@ -127,7 +130,7 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
         "image": _image_spec(pre, cfg, model.backbone.patch_size),
         "classes": list(classes),
         **_scenes_entry(pre),
-        "source_sha256": _sha256(head),
+        "source_sha256": sha256_file(head),
     }
 
 
@@ -136,7 +139,8 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
                   nms_iou_threshold: float | None = 0.5) -> dict[str, Any]:  # fmt: skip
     from training.dense.train import load_dense_model
 
-    model, cfg, pre, classes = load_dense_model(head)
+    loaded: tuple[Any, Any, dict[str, Any], list[str]] = load_dense_model(head)
+    model, cfg, pre, classes = loaded
     graph = DetectGraph(model).eval()
     s = cfg.model.img_size
     path = out_dir / "detect.onnx"
@@ -157,7 +161,7 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
     if real is not None:
         feeds += [real[i : i + 1] for i in range(len(real))]
     feeds.append(np.full((1, 3, s, s), -float(np.array(pre["mean"]).mean() / np.array(pre["std"]).mean()), np.float32))
-    sess = _session(path)
+    sess = ort_session(path)
     w_box = w_score = w_mask = 0.0
     total = 0
     for x in feeds:
@@ -195,5 +199,5 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
         "score_threshold": score_threshold,
         **({} if nms_iou_threshold is None else {"nms_iou_threshold": nms_iou_threshold, "nms": "class_agnostic"}),
         **_scenes_entry(pre),
-        "source_sha256": _sha256(head),
+        "source_sha256": sha256_file(head),
     }

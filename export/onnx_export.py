@@ -24,16 +24,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from service.bundle_format import FORMAT, FORMAT_VERSION, min_row_cosine, sha256_file
 from training.models import CAE, load_model, parse_readout
-from training.models.checkpoint import read_metadata, sha256_file
+from training.models.checkpoint import read_metadata
 from training.models.layers import resample_abs_pos_embed
+
+from .dense_export import export_detect, export_segment
+from .onnx_common import ExportError, export_graph, ort_session, pooled_readouts, validate_spec
+
+__all__ = ["EXPORTER_VERSION", "TASKS", "ExportError", "export_bundle", "validate_spec"]
 
 _logger = logging.getLogger("export")
 
 EXPORTER_VERSION = "0.1.0"
-BUNDLE_FORMAT = "cae-bundle"
-BUNDLE_FORMAT_VERSION = 1
-SCHEMA_PATH = Path(__file__).resolve().parent / "spec_schema.json"
 TASKS = ("embed", "reconstruct")
 
 # Parity bounds (fp32 graphs against PyTorch; reduced-precision variants on pooled embeddings).
@@ -41,10 +44,6 @@ FP32_MAX_ABS = 1e-4
 FP32_MIN_COS = 0.99999
 FP16_MIN_COS = 0.999
 INT8_MIN_COS = 0.99
-
-
-class ExportError(RuntimeError):
-    """Export failed or a graph missed its parity bound; the message says which and by how much."""
 
 
 class EmbedGraph(nn.Module):
@@ -83,18 +82,6 @@ def resize_model(model: CAE, image_size: int) -> CAE:
             sd[key] = resample_abs_pos_embed(sd[key], grid)
     new.load_state_dict(sd)
     return new.eval()
-
-
-def _sha256(path: Path) -> str:
-    return sha256_file(path)
-
-
-def _cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    num = (a * b).sum(1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30
-    return float((num / den).min())
 
 
 @dataclass
@@ -150,33 +137,9 @@ def real_images(pre: Preprocess, n: int = 8) -> np.ndarray | None:
         img, _ = ds[i * 997 % len(ds)]
         img = img.resize((pre.size, pre.size), Image.Resampling.BICUBIC)
         x = np.asarray(img, dtype=np.float32) / 255.0
-        x = (x - np.array(pre.mean, dtype=np.float32)) / np.array(pre.std, dtype=np.float32)
-        imgs.append(x.transpose(2, 0, 1))
+        z = (x - np.array(pre.mean, dtype=np.float32)) / np.array(pre.std, dtype=np.float32)
+        imgs.append(z.transpose(2, 0, 1))
     return np.stack(imgs).astype(np.float32)
-
-
-def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str],
-            output_names: list[str], opset: int) -> None:  # fmt: skip
-    module.eval()  # inference graphs: no drop path, batch-norm statistics frozen (and no train-mode warning)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic_shapes = tuple({0: batch} for _ in args)
-    try:
-        program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=opset, input_names=input_names, output_names=output_names,
-            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
-        )  # fmt: skip
-        program.save(str(path), external_data=False)
-    except Exception as e:
-        raise ExportError(f"ONNX export of {path.name} failed: {type(e).__name__}: {str(e)[:500]}") from e
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # Mask R-CNN's mask-pasting loop warns on every run about its traced shapes
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _random_mask(b: int, n: int, nm: int, rng: np.random.Generator) -> np.ndarray:
@@ -188,7 +151,7 @@ def _random_mask(b: int, n: int, nm: int, rng: np.random.Generator) -> np.ndarra
 
 def check_parity(task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Max abs diff and min per-row cosine of an fp32 graph against PyTorch on each input set."""
-    sess = _session(onnx_path)
+    sess = ort_session(onnx_path)
     worst_abs, worst_cos = 0.0, 1.0
     for feed in inputs:
         outs = sess.run(None, feed)
@@ -205,19 +168,12 @@ def check_parity(task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, 
             if ours.shape != ref.shape:
                 raise ExportError(f"{onnx_path.name}: output shape {ours.shape} != PyTorch {ref.shape}")
             worst_abs = max(worst_abs, float(np.abs(ours - ref).max()))
-            worst_cos = min(worst_cos, _cosine_rows(ours, ref))
+            worst_cos = min(worst_cos, min_row_cosine(ours, ref))
     report = {"max_abs_diff": worst_abs, "min_cosine": worst_cos, "bound_max_abs": FP32_MAX_ABS,
               "bound_min_cosine": FP32_MIN_COS, "inputs": len(inputs)}  # fmt: skip
     if not (worst_abs <= FP32_MAX_ABS and worst_cos >= FP32_MIN_COS):
         raise ExportError(f"{onnx_path.name} misses the fp32 parity bound: {report}")
     return report
-
-
-def _pooled(outs: list[np.ndarray]) -> list[np.ndarray]:
-    """Every served readout of an embed graph's outputs (cls, mean, and each block's cls/mean)."""
-    tokens, blocks = outs[0], outs[1] if len(outs) > 1 else None
-    pooled = [tokens[:, 0], tokens[:, 1:].mean(axis=1)]
-    return pooled + ([blocks.reshape(len(blocks), -1)] if blocks is not None else [])
 
 
 def make_variant(kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -238,14 +194,14 @@ def make_variant(kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[di
         bound = INT8_MIN_COS
     else:
         raise ExportError(f"unknown variant {kind}")
-    ref, low = _session(ref_path), _session(dst)
+    ref, low = ort_session(ref_path), ort_session(dst)
     worst = 1.0
     for feed in feeds:
         a, b = ref.run(None, feed), low.run(None, feed)
         if "mask" in feed:  # reconstruct: what the route returns, per masked patch
-            worst = min(worst, _cosine_rows(a[0], b[0]))
+            worst = min(worst, min_row_cosine(a[0], b[0]))
         else:  # embed: every readout /embed serves, the worst of them
-            worst = min(worst, *(_cosine_rows(x, y) for x, y in zip(_pooled(a), _pooled(b), strict=True)))
+            worst = min(worst, *(min_row_cosine(x, y) for x, y in zip(pooled_readouts(a), pooled_readouts(b), strict=True)))
     report = {"min_cosine_pooled": worst, "bound_min_cosine": bound}
     if worst < bound:
         raise ExportError(f"{dst.name} misses its bound: cosine {worst:.6f} < {bound}")
@@ -298,7 +254,7 @@ def export_bundle(
         if real is not None:
             fresh.append(real)
         if task == "embed":
-            _export(EmbedGraph(model), (x_exp,), path, ["images"], ["tokens", "block_readouts"], opset)
+            export_graph(EmbedGraph(model), (x_exp,), path, ["images"], ["tokens", "block_readouts"], opset)
             feeds = [{"images": x} for x in fresh]
             io = {
                 "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", c.in_chans, size, size]}],
@@ -311,7 +267,7 @@ def export_bundle(
             }
         else:
             mask_exp = torch.from_numpy(_random_mask(2, c.num_patches, nm, rng))
-            _export(ReconstructGraph(model), (x_exp, mask_exp), path, ["images", "mask"], ["pred"], opset)
+            export_graph(ReconstructGraph(model), (x_exp, mask_exp), path, ["images", "mask"], ["pred"], opset)
             # parity also at another mask count than the one traced: the count is dynamic
             feeds = [{"images": x, "mask": _random_mask(len(x), c.num_patches, k, rng)}
                      for x, k in zip(fresh, (nm, max(1, nm // 2)), strict=False)]  # fmt: skip
@@ -333,8 +289,6 @@ def export_bundle(
                 _logger.info("%s: min cosine to fp32 %.6f", vpath.name, report["min_cosine_pooled"])
         spec_tasks[task] = entry
 
-    from .dense_export import export_detect, export_segment
-
     root = Path(scenes_root) if scenes_root else None
     if not 0.0 <= detect_score_threshold <= 1.0:
         raise ExportError(f"detect score threshold must be in [0, 1], got {detect_score_threshold}")
@@ -351,8 +305,8 @@ def export_bundle(
             spec_tasks[name] = export_detect(Path(head), out, opset, rng, root, detect_score_threshold, detect_nms_iou)
 
     spec: dict[str, Any] = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "exporter_version": EXPORTER_VERSION,
         "created_unix": int(time.time()),
         "model": {
@@ -370,21 +324,11 @@ def export_bundle(
         "tasks": spec_tasks,
         "opset": opset,
     }
-    spec["files"] = {p.name: _sha256(p) for p in sorted(out.glob("*.onnx"))}
+    spec["files"] = {p.name: sha256_file(p) for p in sorted(out.glob("*.onnx"))}
     validate_spec(spec)
     tmp = out / "spec.json.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
     tmp.replace(out / "spec.json")
     _logger.info("wrote bundle %s (%s) in %.1fs", out, ", ".join(spec_tasks), time.perf_counter() - t0)
     return spec
-
-
-def validate_spec(spec: dict[str, Any]) -> None:
-    import jsonschema
-
-    schema = json.loads(SCHEMA_PATH.read_text())
-    try:
-        jsonschema.validate(spec, schema)
-    except jsonschema.ValidationError as e:
-        raise ExportError(f"spec.json does not match {SCHEMA_PATH.name}: {e.message} at {list(e.absolute_path)}") from e
 

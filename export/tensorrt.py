@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .onnx_export import _cosine_rows, _pooled, _session, _sha256
+from service.bundle_format import gpu_slug, min_row_cosine, sha256_file
+
+from .onnx_common import ort_session, pooled_readouts, validate_spec
 
 _logger = logging.getLogger("export")
 
@@ -39,10 +40,6 @@ def _require() -> Any:
     if not torch.cuda.is_available():
         raise TensorRTError("TensorRT engines need a CUDA GPU; none is visible")
     return trt
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
 def _calibration_batches(calib_dir: Path, spec: dict[str, Any], batch: int, limit: int = 512) -> list[np.ndarray]:
@@ -65,7 +62,7 @@ def _calibration_batches(calib_dir: Path, spec: dict[str, Any], batch: int, limi
 def _make_calibrator(trt: Any, batches: list[np.ndarray], cache_path: Path) -> Any:
     import torch
 
-    class Calibrator(trt.IInt8EntropyCalibrator2):
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]  # untyped module
         def __init__(self) -> None:
             super().__init__()
             self.batches = iter(batches)
@@ -156,7 +153,7 @@ class EngineRunner:
         trt, torch = self.trt, self.torch
         keep = []
 
-        class Allocator(trt.IOutputAllocator):
+        class Allocator(trt.IOutputAllocator):  # type: ignore[misc,name-defined]  # untyped module
             def __init__(self) -> None:
                 super().__init__()
                 self.buffers: dict[str, Any] = {}
@@ -213,7 +210,7 @@ def export_tensorrt(
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise TensorRTError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {min_batch}, {opt_batch}, {max_batch}")
     spec = json.loads(spec_path.read_text())
-    gpu = _slug(torch.cuda.get_device_name(0))
+    gpu = gpu_slug(torch.cuda.get_device_name(0))
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     model_hash = spec["model"]["source_sha256"][:12]
     timing_cache = bundle / "timing.cache"
@@ -227,12 +224,13 @@ def export_tensorrt(
             if task != "embed":
                 _logger.info("int8 calibration covers embed only; %s gets an fp16 engine", task)
             else:
+                assert calib_dir is not None  # checked above
                 batches = _calibration_batches(Path(calib_dir), spec, opt_batch)
                 calibrator = _make_calibrator(trt, batches, bundle / f"{task}.int8.calib")
         build_engine(onnx_path, entry, bundle / name, timing_cache, min_batch, opt_batch, max_batch,
                      fp16=fp16 or int8, calibrator=calibrator)  # fmt: skip
         # parity against ONNX Runtime on fresh inputs at two batch sizes
-        runner, ref = EngineRunner(bundle / name), _session(onnx_path)
+        runner, ref = EngineRunner(bundle / name), ort_session(onnx_path)
         worst = 1.0
         for b in sorted({min_batch, opt_batch}):
             x = rng.standard_normal((b, img["channels"], img["size"], img["size"])).astype(np.float32)
@@ -242,10 +240,13 @@ def export_tensorrt(
                 m = np.zeros((b, n), dtype=bool)
                 m[:, rng.choice(n, n // 2, replace=False)] = True
                 feed["mask"] = m
-            out_name = entry["outputs"][0]["name"]
-            ours = runner(feed)[out_name]
-            (theirs,) = ref.run(None, feed)
-            worst = min(worst, _cosine_rows(_pooled(ours), _pooled(theirs)) if task == "embed" else _cosine_rows(ours, theirs))
+            outs, theirs = runner(feed), ref.run(None, feed)
+            ours = [outs[o["name"]] for o in entry["outputs"]]
+            if task == "embed":  # every readout /embed serves (as the fp16/int8 variants are checked)
+                pairs = zip(pooled_readouts(ours), pooled_readouts(theirs), strict=True)
+            else:
+                pairs = zip(ours[:1], theirs[:1], strict=True)
+            worst = min(worst, *(min_row_cosine(a, b) for a, b in pairs))
         bound = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}[precision]
         if worst < bound:
             raise TensorRTError(f"{name}: cosine to ONNX Runtime {worst:.6f} < {bound}")
@@ -256,9 +257,7 @@ def export_tensorrt(
             "parity": {"min_cosine_vs_onnxruntime": worst, "bound_min_cosine": bound},
         }]  # fmt: skip
         _logger.info("%s: cosine to ONNX Runtime %.6f", name, worst)
-    spec["files"] = {p.name: _sha256(p) for p in sorted(bundle.iterdir()) if p.suffix in (".onnx", ".plan")}
-    from .onnx_export import validate_spec
-
+    spec["files"] = {p.name: sha256_file(p) for p in sorted(bundle.iterdir()) if p.suffix in (".onnx", ".plan")}
     validate_spec(spec)
     tmp = bundle / "spec.json.tmp"
     tmp.write_text(json.dumps(spec, indent=2))

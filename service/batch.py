@@ -104,7 +104,7 @@ def _tar_part(shard: Path, root: Path) -> Part:
 
 
 # ------------------------------------------------------------------------------------ pipeline stages
-def _row(part: str, total: int, path: str, id_: str, data: bytes, code: str = "", error: str = "") -> dict:
+def _row(part: str, total: int, path: str, id_: str, data: bytes, code: str = "", error: str = "") -> dict[str, Any]:
     return {"part": part, "total": total, "path": path, "id": id_, "data": data, "code": code, "error": error}
 
 
@@ -312,7 +312,7 @@ def run(
     if not todo:
         return summary
 
-    ds = ray.data.from_items([dataclasses.asdict(p) for p in todo], override_num_blocks=len(todo))
+    ds: Any = ray.data.from_items([dataclasses.asdict(p) for p in todo], override_num_blocks=len(todo))
     ds = ds.flat_map(read_part)
     ds = ds.map_batches(decode_batch, batch_size=batch_size, fn_kwargs={"image": b.image, "limits": limits})
     ds = ds.map_batches(

@@ -124,6 +124,11 @@ class MicroBatcher:
     def pending_rows(self) -> int:
         return self._pending_rows
 
+    @property
+    def closing(self) -> bool:
+        """Whether ``stop()`` has begun: new requests are refused."""
+        return self._closing
+
     def announce(self) -> Ticket:
         """Register a request about to decode. When the queue is already full it is refused here (429),
         before its body is read and decoded: under overload that work, done only to be refused at

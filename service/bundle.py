@@ -6,21 +6,16 @@ spec references is among those files: a server must never load a graph nobody ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import REPO_ROOT
+from .bundle_format import FORMAT, FORMAT_VERSION, SCHEMA_NAME, sha256_file, validate_spec
 
 _logger = logging.getLogger("service")
 
-# The exporter's schema, read as a file: importing the ``export`` package would import torch.
-SCHEMA_PATH = REPO_ROOT / "export" / "spec_schema.json"
-FORMAT = "cae-bundle"
-FORMAT_VERSION = 1
 DENSE_TASKS = ("segment", "detect")  # tasks whose entries carry ``classes`` (and optionally ``image``)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 
@@ -116,25 +111,17 @@ def _image_spec(img: dict[str, Any]) -> ImageSpec:
     )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _validate_schema(spec: dict[str, Any]) -> None:
     try:
         import jsonschema
     except ImportError:
         _logger.info("jsonschema not installed: spec.json checked field by field only")
         return
-    if not SCHEMA_PATH.exists():
-        _logger.info("%s not found: spec.json checked field by field only", SCHEMA_PATH)
-        return
     try:
-        jsonschema.validate(spec, json.loads(SCHEMA_PATH.read_text()))
+        validate_spec(spec)
+    except FileNotFoundError:  # a broken install: the schema is package data
+        _logger.info("%s missing from the service package: spec.json checked field by field", SCHEMA_NAME)
+        return
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise BundleError(f"spec.json does not match the bundle schema at {where}: {e.message}") from None

@@ -113,14 +113,15 @@ def mask_window(prob: np.ndarray, height: int, width: int, threshold: float = MA
     rows ``y0..`` and columns ``x0..`` of the [height, width] result (zero outside). An output pixel can
     exceed the threshold only if one of its four source pixels does, so only those pixels are resized,
     with the same float32 operations as ``_resized_rows``."""
-    p = prob.reshape(prob.shape[-2:]).astype(np.float32, copy=False)
+    p: np.ndarray = prob.reshape(prob.shape[-2:]).astype(np.float32, copy=False)
     h, w = p.shape
-    hot = p > threshold
+    hot: np.ndarray = p > threshold
     if not hot.any():
         return 0, 0, np.zeros((0, 0), dtype=bool)
     r0, r1, rw = _axis(height, h)
     c0, c1, cw = _axis(width, w)
-    rows_hot, cols_hot = hot.any(axis=1), hot.any(axis=0)
+    rows_hot = np.asarray(hot.any(axis=1))
+    cols_hot = np.asarray(hot.any(axis=0))
     ys = np.flatnonzero(rows_hot[r0] | rows_hot[r1])
     xs = np.flatnonzero(cols_hot[c0] | cols_hot[c1])
     if ys.size == 0 or xs.size == 0:  # downsampling that reads none of the hot pixels

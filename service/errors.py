@@ -154,7 +154,8 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[str, int], None] | 
         assert isinstance(exc, StarletteHTTPException)
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         err = ServiceError(
-            str(exc.detail), code=codes.get(exc.status_code, "http_error"), headers=exc.headers
+            str(exc.detail), code=codes.get(exc.status_code, "http_error"),
+            headers=dict(exc.headers) if exc.headers else None,
         )
         err.status = exc.status_code
         count(err.code, err.status)

@@ -37,7 +37,7 @@ if orjson is not None:
     JSONDecodeError: type[Exception] = orjson.JSONDecodeError
 else:  # pragma: no cover
 
-    def dumps(content: Any) -> bytes:
+    def dumps(content: Any) -> bytes:  # type: ignore[unreachable]  # mypy assumes orjson is installed
         return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
     def loads(data: bytes | str) -> Any:
@@ -137,7 +137,7 @@ class EmbedFastPath:
         from .routers import embed as embed_router
 
         for route in embed_router.router.routes:
-            if isinstance(route, APIRoute) and route.path == "/embed" and "POST" in route.methods:
+            if isinstance(route, APIRoute) and route.path == "/embed" and "POST" in (route.methods or ()):
                 self._route = route
         self._handler = embed_router.embed
 

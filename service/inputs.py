@@ -12,23 +12,16 @@ import json
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from . import fast
 from .errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from .schemas import ImagesJSON
 
 ACCEPTED_CONTENT_TYPES = ("multipart/form-data", "application/json", "image/*", "application/octet-stream")
 FILE_FIELDS = ("file", "files")
-
-
-class ImagesJSON(BaseModel):
-    """``{"images": ["<base64>", ...]}`` (or ``{"image": "<base64>"}``); data URIs are accepted."""
-
-    model_config = ConfigDict(extra="forbid")
-    images: list[str] | None = None
-    image: str | None = None
 
 
 def _too_many(n: int, limit: int) -> PayloadTooLarge:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Pooling(str, Enum):
@@ -53,14 +53,28 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class ImagesJSONBody(BaseModel):
-    images: list[str] = Field(
-        description="Base64 images (or data URIs) in any accepted format.", min_length=1
-    )
+class ImagesJSON(BaseModel):
+    """The JSON request body: ``{"images": ["<base64>", ...]}`` or ``{"image": "<base64>"}``; data URIs
+    are accepted. ``service/inputs.py`` parses bodies with it; the OpenAPI document shows the form each
+    route takes (:meth:`openapi_schema`)."""
 
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] | None = Field(None, description="Base64 images (or data URIs) in any accepted format.")
+    image: str | None = Field(None, description="One base64 image (or data URI).")
 
-class ImageJSONBody(BaseModel):
-    image: str = Field(description="One base64 image (or data URI).")
+    @classmethod
+    def openapi_schema(cls, single: bool) -> dict[str, Any]:
+        """The body schema of a route taking one image (``image``) or several (``images``, at least one).
+        Written out: both keys are optional in the model (exactly one is required, checked on parsing),
+        which a JSON schema of the model itself would not say."""
+        name = "image" if single else "images"
+        prop: dict[str, Any] = {"description": cls.model_fields[name].description, "title": name.title()}
+        if single:
+            prop["type"] = "string"
+        else:
+            prop.update(type="array", items={"type": "string"}, minItems=1)
+        title = "ImageJSONBody" if single else "ImagesJSONBody"  # the names clients' generated code uses
+        return {"properties": {name: prop}, "required": [name], "title": title, "type": "object"}
 
 
 class EmbedResponse(BaseModel):

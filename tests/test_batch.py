@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 BUNDLE = REPO / "models" / "default"

@@ -21,8 +21,7 @@ LEVEL_KEYS = {"concurrency", "seconds", "requests", "errors", "rps", "p50_ms", "
 def embed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny embed-only bundle (32x32, 2 blocks): cheaper to export than the service tests' full one."""
     from export.onnx_export import export_bundle
-    from tests.conftest import tiny_overrides
-    from tests.test_checkpoint import perturbed
+    from tests.helpers import perturbed, tiny_overrides
     from training.models import CAEConfig, save_model
 
     root = tmp_path_factory.mktemp("bench-bundle")

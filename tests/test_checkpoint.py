@@ -10,20 +10,9 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_overrides
-from tests.test_models import random_mask
+from tests.helpers import REPO, perturbed, random_mask, tiny_overrides
 from training.models import CAE, CAEConfig, CheckpointError, load_model, save_model
 from training.models.checkpoint import convert_checkpoint
-
-
-def perturbed(cfg: CAEConfig, seed: int = 0) -> CAE:
-    """A model whose every tensor is distinctive (so a wrong mapping cannot pass by accident)."""
-    torch.manual_seed(seed)
-    model = CAE(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * (0.05 if p.ndim == 1 else 0.02))
-    return model.eval()
 
 
 def to_official(model: CAE) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_dense_data import make_fake_fmnist
+from tests.helpers import make_fake_fmnist
 from training.config import ConfigError
 from training.dense.models import (
     CAEPyramid,

@@ -7,7 +7,6 @@ drew from.
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from tests.helpers import TEST_CLASSES, TRAIN_CLASSES, file_tree, load_png, make_fake_fmnist, write_idx
 from training.data import FMNIST_CLASSES, DataError
 from training.dense import scenes as S
 from training.dense.datasets import CocoInstances, SegmentationFolder, collate_detection
@@ -27,32 +27,6 @@ from training.dense.metrics import SegmentationMeter, coco_evaluate, masks_to_rl
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 SCENE_ARGS = dict(n_train=6, n_test=4, size=48, min_objects=2, max_objects=4, seed=3)
-TRAIN_CLASSES, TEST_CLASSES = range(0, 5), range(5, 10)
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def make_fake_fmnist(root: Path, n_train: int = 12, n_test: int = 8, seed: int = 0) -> Path:
-    """Rectangular 'garments' on a 0 background; train dim with classes 0-4, test bright with classes 5-9."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, n, (lo, hi), classes in (
-        ("train", n_train, (100, 140), TRAIN_CLASSES),
-        ("t10k", n_test, (200, 240), TEST_CLASSES),
-    ):
-        images = np.zeros((n, 28, 28), dtype=np.uint8)
-        for i in range(n):
-            h, w = rng.integers(14, 25, size=2)
-            y, x = rng.integers(0, 28 - h + 1), rng.integers(0, 28 - w + 1)
-            images[i, y : y + h, x : x + w] = rng.integers(lo, hi + 1, size=(h, w))
-        labels = np.array([classes[i % len(classes)] for i in range(n)], dtype=np.uint8)
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +40,6 @@ def scenes(tmp_path_factory, fake_fmnist) -> tuple[Path, dict]:
     return out, S.generate_scenes(out, fmnist_root=fake_fmnist, **SCENE_ARGS)
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _load(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.array(im)
-
-
 # ---------------------------------------------------------------------------------------------- generator
 def test_generator_is_deterministic_and_cli_matches(scenes, fake_fmnist, tmp_path):
     out, summary = scenes
@@ -84,19 +49,19 @@ def test_generator_is_deterministic_and_cli_matches(scenes, fake_fmnist, tmp_pat
         [str(again), "--train", str(a["n_train"]), "--test", str(a["n_test"]), "--size", str(a["size"]),
          "--seed", str(a["seed"]), "--fmnist-root", str(fake_fmnist)]
     )  # fmt: skip
-    first, second = _tree(out), _tree(again)
+    first, second = file_tree(out), file_tree(again)
     assert sorted(first) == sorted(second) and len(first) == 2 * (6 + 4) + 2 + 1
     assert all(first[k] == second[k] for k in first), "same arguments must give byte-identical files"
     assert {k: v for k, v in summary2.items() if k != "out_dir"} == {k: v for k, v in summary.items() if k != "out_dir"}
 
     other = tmp_path / "other_seed"
     S.generate_scenes(other, fmnist_root=fake_fmnist, **{**SCENE_ARGS, "seed": 4})
-    assert _tree(other)["ade/annotations/training/scene_train_000000.png"] != first["ade/annotations/training/scene_train_000000.png"]
+    assert file_tree(other)["ade/annotations/training/scene_train_000000.png"] != first["ade/annotations/training/scene_train_000000.png"]
 
     with pytest.raises(FileExistsError, match="overwrite"):
         S.generate_scenes(again, fmnist_root=fake_fmnist, **SCENE_ARGS)
     S.generate_scenes(again, fmnist_root=fake_fmnist, overwrite=True, **SCENE_ARGS)
-    assert _tree(again) == first
+    assert file_tree(again) == first
 
 
 def test_layout_summary_and_split_separation(scenes):
@@ -139,7 +104,7 @@ def test_label_maps_agree_with_coco_masks_and_boxes(scenes):
         for a in coco["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a)
         for info in coco["images"]:
-            label = _load(out / "ade" / "annotations" / folder / info["file_name"])
+            label = load_png(out / "ade" / "annotations" / folder / info["file_name"])
             assert (out / "ade" / "images" / folder / info["file_name"]).is_file()
             anns = by_image[info["id"]]
             assert 2 <= len(anns) <= 4
@@ -175,7 +140,7 @@ def test_segmentation_folder_reads_the_scenes(scenes):
     img, label = val[0]
     assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (48, 48)
     assert label.dtype == np.uint8 and label.shape == (48, 48)
-    assert np.array_equal(label, _load(out / "ade" / "annotations" / "validation" / "scene_test_000000.png"))
+    assert np.array_equal(label, load_png(out / "ade" / "annotations" / "validation" / "scene_test_000000.png"))
     seen = SegmentationFolder(out / "ade", "training", transforms=lambda i, m: (np.asarray(i).shape, int(m.max())))[0]
     assert seen[0] == (48, 48, 3) and 1 <= seen[1] <= 5
 
@@ -184,7 +149,7 @@ def test_coco_instances_reads_the_scenes(scenes):
     out, _ = scenes
     ds = CocoInstances(out / "ade" / "images" / "validation", out / "coco" / "annotations" / "instances_val.json")
     assert len(ds) == 4 and ds.cat_ids == list(range(1, 11)) and ds.classes == ["background", *FMNIST_CLASSES]
-    label_map = _load(out / "ade" / "annotations" / "validation" / "scene_test_000000.png")
+    label_map = load_png(out / "ade" / "annotations" / "validation" / "scene_test_000000.png")
     img, t = ds[0]
     assert img.mode == "RGB" and img.size == (48, 48) and t["image_id"] == 1
     n = len(t["labels"])
@@ -300,7 +265,7 @@ def test_data_errors(tmp_path, fake_fmnist, scenes):
     with pytest.raises(DataError, match="dataset-fashion-mnist"):
         S.generate_scenes(tmp_path / "g1", fmnist_root=tmp_path / "no_fmnist", **SCENE_ARGS)
     bad = make_fake_fmnist(tmp_path / "bad_fmnist")
-    _write_idx(bad / "train-labels-idx1-ubyte.gz", np.full(12, 11, np.uint8))
+    write_idx(bad / "train-labels-idx1-ubyte.gz", np.full(12, 11, np.uint8))
     with pytest.raises(DataError, match="labels outside"):
         S.generate_scenes(tmp_path / "g2", fmnist_root=bad, **SCENE_ARGS)
 

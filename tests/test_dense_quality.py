@@ -134,7 +134,7 @@ def test_served_endpoints_agree_with_the_evaluation_path(heads, grey_scenes):
     from PIL import Image
 
     from service.imaging import Limits, Preprocessor
-    from tests.test_service_fixtures import serve
+    from tests.helpers import serve
 
     files = sorted((grey_scenes / "ade" / "images" / "validation").glob("*.png"))
     path = next(f for f in files if Image.open(f).size[0] != Image.open(f).size[1])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from training import evaluation as E
 from training.data import FMNIST_MEAN, IMAGENET_MEAN, EvalTransform, ImageFolderDataset, TransformedDataset
 from training.evaluation import features as eval_features

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, tiny_overrides
-from tests.test_checkpoint import perturbed
+from tests.helpers import REPO, perturbed, tiny_overrides
 from training.models import CAEConfig, save_model
 
 ort = pytest.importorskip("onnxruntime")

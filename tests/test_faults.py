@@ -26,18 +26,20 @@ import pytest
 import torch
 
 from service.bundle import BundleError, load_bundle
-from tests.conftest import REPO
-from tests.test_service_fixtures import FakeBackend, TinyBundle, get_tiny_bundle, png_bytes, serve
-from tests.test_training import TINY, tiny_cfg, train_losses
+from tests.helpers import (
+    REPO,
+    TINY,
+    FakeBackend,
+    TinyBundle,
+    png_bytes,
+    serve,
+    tiny_cfg,
+    train_losses,
+)
 from training.checkpointing import CKPT_POINTER, find_resume_checkpoint, load_training_checkpoint
 from training.pretrain import pretrain
 
 RAW = {"content-type": "image/png"}
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
 
 
 def _wait(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:

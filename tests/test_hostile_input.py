@@ -24,11 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.test_service_dense import build_dense_bundle
-from tests.test_service_fixtures import (
-    TinyBundle,
+from tests.helpers import (
     encode,
-    get_tiny_bundle,
     huge_canvas_png,
     image_array,
     serve,
@@ -60,16 +57,6 @@ HYPO = settings(
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def dense_bundle(tiny_bundle: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_dense_bundle(tiny_bundle, tmp_path_factory.mktemp("hostile") / "bundle")
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,9 @@ import math
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.helpers import random_mask, tiny_overrides
 from training.models import CAE, CAEConfig, create_model, list_models, mask_indices, patchify, unpatchify
 from training.models.layers import build_2d_sincos_position_embedding
-
-
-def random_mask(b: int, n: int, m: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.rand(b, n, generator=g).argsort(dim=1)[:, :m]
-    mask = torch.zeros(b, n, dtype=torch.bool)
-    mask.scatter_(1, idx, True)
-    return mask
 
 
 def official_param_total(model: CAE) -> int:

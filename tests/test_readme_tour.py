@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, make_image_folder
-from tests.server_process import free_port
+from tests.helpers import REPO, free_port, make_image_folder
 
 TINY_MODEL = (
     "model.overrides={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, decoder_embed_dim: 32,"

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO, tiny_overrides
-from tests.test_service_fixtures import serve
+from tests.helpers import REPO, serve, tiny_overrides
 from training import data as D
 from training import evaluation as E
 from training.models import CAEConfig, save_model

@@ -18,7 +18,7 @@ import pytest
 
 from service.batcher import MicroBatcher
 from service.errors import QueueFull
-from tests.conftest import REPO
+from tests.helpers import REPO, until, wait_event
 
 pytest.importorskip("onnxruntime")
 
@@ -56,9 +56,10 @@ def test_a_full_queue_refuses_before_the_body_is_read() -> None:
     full: rejected requests must not spend the CPU that admitted ones need."""
 
     async def main() -> None:
-        gate = threading.Event()
+        gate, busy = threading.Event(), threading.Event()
 
         def infer(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            busy.set()
             gate.wait(5)
             return inputs["images"]
 
@@ -66,9 +67,9 @@ def test_a_full_queue_refuses_before_the_body_is_read() -> None:
         await b.start()
         one = {"images": np.zeros((1, 3), np.float32)}
         running = asyncio.create_task(b.submit(one))
-        await asyncio.sleep(0.05)  # the worker took it: the backend is busy
+        await wait_event(busy)  # the worker took it: the backend is busy
         queued = [asyncio.create_task(b.submit(one)) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await until(lambda: b.pending_rows == 2)
         assert b.pending_rows == 2
         with pytest.raises(QueueFull) as e:
             b.announce()

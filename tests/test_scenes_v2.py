@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from tests.test_dense_data import _load, _tree, make_fake_fmnist
+from tests.helpers import file_tree, load_png, make_fake_fmnist
 from training.dense import scenes as S
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
@@ -31,7 +31,7 @@ def v2(tmp_path_factory, fake_fmnist) -> tuple[Path, dict]:
 def test_v2_is_deterministic_and_cli_matches(v2, fake_fmnist, tmp_path):
     out, _ = v2
     S.main([str(tmp_path), "--train", "40", "--test", "6", "--seed", "1", "--preset", "v2", "--fmnist-root", str(fake_fmnist)])
-    assert _tree(out) == _tree(tmp_path)
+    assert file_tree(out) == file_tree(tmp_path)
 
 
 def test_v2_varies_canvas_background_scale_and_count(v2):
@@ -48,8 +48,8 @@ def test_v2_varies_canvas_background_scale_and_count(v2):
     # background: the median pixel of the label-0 area, per scene -> black and non-black scenes both occur
     levels, texture = [], []
     for im in coco.dataset["images"]:
-        img = _load(out / "ade/images/training" / im["file_name"])[:, :, 0]
-        lab = _load(out / "ade/annotations/training" / im["file_name"])
+        img = load_png(out / "ade/images/training" / im["file_name"])[:, :, 0]
+        lab = load_png(out / "ade/annotations/training" / im["file_name"])
         levels.append(float(np.median(img[lab == 0])))
         texture.append(float(img[lab == 0].std()))
     assert min(levels) < 8 and max(levels) > 40
@@ -89,8 +89,8 @@ def test_written_masks_agree_with_label_maps_on_non_black_scenes(v2):
     coco.createIndex()
     grey = 0
     for im in coco.dataset["images"]:
-        lab = _load(out / "ade/annotations/validation" / im["file_name"])
-        img = _load(out / "ade/images/validation" / im["file_name"])
+        lab = load_png(out / "ade/annotations/validation" / im["file_name"])
+        img = load_png(out / "ade/images/validation" / im["file_name"])
         assert lab.shape == (im["height"], im["width"]) == img.shape[:2]
         grey += float(np.median(img[lab == 0])) > 8
         rebuilt = np.zeros_like(lab)

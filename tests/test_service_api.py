@@ -12,11 +12,10 @@ import torch
 from service.bundle import load_bundle
 from service.imaging import Limits, Preprocessor
 from service.postprocess import reconstruct as reconstruct_pixels
-from tests.test_service_fixtures import (
+from tests.helpers import (
     CASE_LIMITS,
     TinyBundle,
     error_cases,
-    get_tiny_bundle,
     png_b64,
     png_bytes,
     serve,
@@ -24,11 +23,6 @@ from tests.test_service_fixtures import (
 
 RAW = {"content-type": "image/png"}
 NPY = {"accept": "application/x-npy"}
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

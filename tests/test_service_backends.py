@@ -17,14 +17,9 @@ from service.backends.select import measure_cosine
 from service.backends.torch_backend import TorchBackend
 from service.bundle import BundleError, load_bundle
 from service.runtime import StartupError
-from tests.test_service_fixtures import TinyBundle, get_tiny_bundle, png_bytes, serve
+from tests.helpers import TinyBundle, png_bytes, serve
 
 RAW = {"content-type": "image/png", "accept": "application/x-npy"}
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
 
 
 def _x(n: int = 3) -> np.ndarray:

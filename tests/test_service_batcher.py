@@ -13,14 +13,9 @@ import pytest
 
 from service.batcher import MicroBatcher
 from service.errors import DeadlineExceeded, NotReady, QueueFull
-from tests.test_service_fixtures import FakeBackend, SpyBackend, TinyBundle, get_tiny_bundle, png_bytes, serve
+from tests.helpers import FakeBackend, SpyBackend, TinyBundle, png_bytes, serve, until, wait_event
 
 RAW = {"content-type": "image/png"}
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
 
 
 def _echo(calls: list[tuple[int, object]], delay: float = 0.0):
@@ -93,23 +88,24 @@ def test_batches_only_group_equal_keys() -> None:
 
 def test_queue_full_and_graceful_stop() -> None:
     async def main() -> None:
-        gate = threading.Event()
+        gate, running = threading.Event(), threading.Event()
 
         def slow(inputs):
+            running.set()
             gate.wait(5)
             return inputs["x"]
 
         b = _batcher(slow, max_batch_size=1, queue_size=2, max_wait_ms=0)
         await b.start()
         first = asyncio.create_task(b.submit({"x": np.ones((1, 1))}))  # running, blocks the worker
-        await asyncio.sleep(0.05)
+        await wait_event(running)
         queued = [asyncio.create_task(b.submit({"x": np.full((1, 1), i)})) for i in range(2)]
-        await asyncio.sleep(0.01)
+        await until(lambda: b.pending_rows == 2)
         with pytest.raises(QueueFull) as e:
             await b.submit({"x": np.ones((1, 1))})
         assert e.value.status == 429 and int(e.value.headers["Retry-After"]) >= 1 and e.value.limit == 2
         stop = asyncio.create_task(b.stop(timeout=5))
-        await asyncio.sleep(0.02)
+        await until(lambda: b.closing)
         with pytest.raises(NotReady):
             await b.submit({"x": np.ones((1, 1))})
         gate.set()
@@ -123,10 +119,11 @@ def test_queue_full_and_graceful_stop() -> None:
 def test_expired_requests_are_dropped_before_running() -> None:
     async def main() -> None:
         calls: list = []
-        gate = threading.Event()
+        gate, running = threading.Event(), threading.Event()
 
         def infer(inputs):
             calls.append(len(inputs["x"]))
+            running.set()
             gate.wait(5)
             return inputs["x"]
 
@@ -134,7 +131,7 @@ def test_expired_requests_are_dropped_before_running() -> None:
         await b.start()
         loop = asyncio.get_running_loop()
         blocker = asyncio.create_task(b.submit({"x": np.ones((1, 1))}))
-        await asyncio.sleep(0.05)
+        await wait_event(running)
         with pytest.raises(DeadlineExceeded):
             await b.submit({"x": np.ones((3, 1))}, deadline=loop.time() + 0.05)
         assert b.pending_rows == 0
@@ -229,9 +226,7 @@ def test_too_many_requests_in_flight_get_503_overloaded(tiny_bundle: TinyBundle)
         fake.hang = True
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(c.post, "/embed", content=png_bytes(), headers=RAW)
-            deadline = time.monotonic() + 5
-            while not fake.calls and time.monotonic() < deadline:  # the first request is now inside
-                time.sleep(0.01)
+            assert fake.called.wait(5)  # the first request is now inside
             r = c.post("/embed", content=png_bytes(), headers=RAW)
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
             assert r.headers["retry-after"] == "1" and r.json()["error"]["limit"] == 1

@@ -16,18 +16,18 @@ import pytest
 from PIL import Image
 
 from service.client import CAEClient, CAEServiceError, Detections, Reconstruction, Segmentation
-from tests.conftest import REPO
-from tests.server_process import Server, running_server
-from tests.test_service_dense import build_dense_bundle
-from tests.test_service_fixtures import TinyBundle, get_tiny_bundle, image_array, png_bytes
+from tests.helpers import (
+    REPO,
+    Server,
+    TinyBundle,
+    build_dense_bundle,
+    image_array,
+    png_bytes,
+    running_server,
+)
 
 KEY = "client-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

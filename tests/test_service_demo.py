@@ -15,17 +15,17 @@ import pytest
 from PIL import Image
 
 from tests.browser import render
-from tests.server_process import running_server
-from tests.test_service_dense import build_dense_bundle
-from tests.test_service_fixtures import TinyBundle, encode, get_tiny_bundle, image_array, serve
+from tests.helpers import (
+    TinyBundle,
+    build_dense_bundle,
+    encode,
+    image_array,
+    running_server,
+    serve,
+)
 
 WINDOW = (1280, 1400)
 PANELS = ("reconstruct", "segment", "detect", "neighbours")
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ detect = constant detections kept or dropped (N = 0) by the input's mean brightn
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import shutil
@@ -19,137 +18,21 @@ from PIL import Image
 from service.bundle import BundleError, load_bundle
 from service.dense import label_map, rle_encode
 from service.imaging import Limits, Preprocessor
-from tests.test_service_fixtures import (
+from tests.helpers import (
     CASE_LIMITS,
+    DET_CLASSES,
+    RAW,
+    SEG_CLASSES,
+    S,
     TinyBundle,
+    det_masks,
     encode,
     error_cases,
-    get_tiny_bundle,
     run_torchless_driver,
     serve,
 )
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-S = 48  # the dense heads' input size (the tiny embed graph runs at 32: preprocessing must differ)
-SEG_CLASSES = ["background", "red", "green"]
-DET_CLASSES = ["background", "thing", "stuff"]
-DET_BOXES = np.array([[4, 8, 20, 40], [24, 0, 48, 24], [0, 0, 48, 48]], np.float32)
-DET_LABELS = np.array([1, 2, 1], np.int64)
-DET_SCORES = np.array([0.9, 0.6, 0.3], np.float32)
-RAW = {"content-type": "image/png"}
-
-
-def _masks() -> np.ndarray:
-    m = np.zeros((3, 1, S, S), np.float32)
-    m[0, 0, 8:40, 4:20] = 1.0  # box 0
-    m[1, 0, 0:24, 24:48] = 0.9  # box 1
-    m[2, 0] = 0.75  # everything
-    return m
-
-
-def _save(graph: Any, path: Path) -> None:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def segment_graph(path: Path) -> None:
-    # logits: background 1, red = R - G, green = G - R (normalized): grey -> background
-    w = np.zeros((3, 3, 1, 1), np.float32)
-    w[1, 0], w[1, 1], w[2, 0], w[2, 1] = 1, -1, -1, 1
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["images", "w", "b"], ["logits"])],
-        "segment",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, S, S])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, S, S])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1, 0, 0], np.float32), "b")],
-    )
-    _save(graph, path)
-
-
-def detect_graph(path: Path) -> None:
-    # all three detections when the normalized image mean is > 0 (a bright image), none otherwise (N = 0)
-    consts = {
-        "cb": DET_BOXES,
-        "cl": DET_LABELS,
-        "cs": DET_SCORES,
-        "cm": _masks(),
-        "zero": np.zeros(3, np.float32),
-    }
-    nodes = [
-        helper.make_node("ReduceMean", ["images"], ["m"], keepdims=0),
-        helper.make_node("Add", ["zero", "m"], ["m3"]),
-        helper.make_node("Greater", ["m3", "thr"], ["keep"]),
-        *(helper.make_node("Compress", [c, "keep"], [o], axis=0) for c, o in
-          (("cb", "boxes"), ("cl", "labels"), ("cs", "scores"), ("cm", "masks"))),
-    ]  # fmt: skip
-    graph = helper.make_graph(
-        nodes,
-        "detect",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, S, S])],
-        [
-            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 4]),
-            helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]),
-            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N"]),
-            helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["N", 1, S, S]),
-        ],
-        [numpy_helper.from_array(v, k) for k, v in consts.items()]
-        + [numpy_helper.from_array(np.array(0.0, np.float32), "thr")],
-    )
-    _save(graph, path)
-
-
-def _tensor(name: str, shape: list[Any], dtype: str = "float32") -> dict[str, Any]:
-    return {"name": name, "dtype": dtype, "shape": shape}
-
-
-def build_dense_bundle(tiny: TinyBundle, out: Path) -> Path:
-    """The tiny bundle (embed, reconstruct, model.safetensors) plus segment.onnx and detect.onnx."""
-    shutil.copytree(tiny.path, out)
-    segment_graph(out / "segment.onnx")
-    detect_graph(out / "detect.onnx")
-    spec = json.loads((out / "spec.json").read_text())
-    image = dict(spec["image"], size=S, grid=[6, 6], num_patches=36, patch_size=8)
-    spec["tasks"]["segment"] = {
-        "file": "segment.onnx",
-        "inputs": [_tensor("images", ["batch", 3, S, S])],
-        "outputs": [_tensor("logits", ["batch", len(SEG_CLASSES), S, S])],
-        "precision": "fp32",
-        "parity": {},
-        "image": image,
-        "classes": SEG_CLASSES,
-    }
-    spec["tasks"]["detect"] = {
-        "file": "detect.onnx",
-        "inputs": [_tensor("images", [1, 3, S, S])],
-        "outputs": [
-            _tensor("boxes", ["N", 4]),
-            _tensor("labels", ["N"], "int64"),
-            _tensor("scores", ["N"]),
-            _tensor("masks", ["N", 1, S, S]),
-        ],
-        "precision": "fp32",
-        "parity": {},
-        "image": image,
-        "classes": DET_CLASSES,
-    }
-    for f in ("segment.onnx", "detect.onnx"):
-        spec["files"][f] = hashlib.sha256((out / f).read_bytes()).hexdigest()
-    (out / "spec.json").write_text(json.dumps(spec))
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def dense_bundle(tiny_bundle: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_dense_bundle(tiny_bundle, tmp_path_factory.mktemp("dense") / "bundle")
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +202,7 @@ def test_detect_masks_rle_and_png(client) -> None:
     # independent reference: PIL's bilinear upscale of the graph's masks, thresholded (> 0.5)
     ref = [
         np.asarray(Image.fromarray(m[0], mode="F").resize((96, 144), Image.Resampling.BILINEAR)) > 0.5
-        for m in _masks()
+        for m in det_masks()
     ]
     expected = ref[0]
     m0 = rle_decode(dets[0]["mask"])

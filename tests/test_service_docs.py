@@ -9,13 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import render
-from tests.server_process import running_server
-from tests.test_service_fixtures import TinyBundle, get_tiny_bundle, serve
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
+from tests.helpers import TinyBundle, running_server, serve
 
 
 @pytest.fixture(scope="module")

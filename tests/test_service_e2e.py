@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,36 +18,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
-from tests.test_service_fixtures import (
+from tests.helpers import (
     CASE_LIMITS,
+    REPO,
     TinyBundle,
     error_cases,
-    get_tiny_bundle,
+    free_port,
     png_bytes,
     run_torchless_driver,
+    subprocess_env,
 )
 
 KEY = "e2e-secret-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
 RAW = {"content-type": "image/png", **AUTH}
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAE_")}
-    env.update(PYTHONPATH=str(REPO), **extra)
-    return env
 
 
 def _start(bundle: Path, port: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
@@ -67,12 +49,12 @@ def _start(bundle: Path, port: int, log: Path, **env: str) -> subprocess.Popen[b
         "fp32",
     ]
     with open(log, "wb") as f:
-        return subprocess.Popen(cmd, cwd=REPO, env=_env(**env), stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(**env), stdout=f, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: TinyBundle, tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("e2e") / "server.log"
     limits = {f"CAE_{k.upper()}": str(v) for k, v in CASE_LIMITS.items()}
     proc = _start(tiny_bundle.path, port, log, CAE_API_KEYS=KEY, CAE_ACCESS_LOG="false", **limits)
@@ -196,7 +178,7 @@ def test_e2e_damaged_bundle_refuses_to_start(tiny_bundle: TinyBundle, tmp_path: 
     with open(bad / "reconstruct.onnx", "ab") as f:
         f.write(b"tampered")
     log = tmp_path / "log"
-    proc = _start(bad, _free_port(), log)
+    proc = _start(bad, free_port(), log)
     assert proc.wait(60) != 0
     assert "refusing to start" in log.read_text() and "reconstruct.onnx: sha256 mismatch" in log.read_text()
 

@@ -8,12 +8,7 @@ import base64
 import numpy as np
 import pytest
 
-from tests.test_service_fixtures import TinyBundle, get_tiny_bundle, png_bytes, serve
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
+from tests.helpers import TinyBundle, png_bytes, serve
 
 
 @pytest.fixture

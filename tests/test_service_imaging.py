@@ -14,7 +14,7 @@ from PIL import Image
 from service.bundle import ImageSpec
 from service.errors import BadRequest, PayloadTooLarge, ServiceError, Unprocessable, UnsupportedMediaType
 from service.imaging import ALLOWED_FORMATS, Limits, Preprocessor, configure_pillow, sniff_format, to_mode
-from tests.test_service_fixtures import encode, huge_canvas_png, image_array
+from tests.helpers import encode, huge_canvas_png, image_array
 
 SPEC = ImageSpec(
     size=32,

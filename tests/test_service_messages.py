@@ -11,22 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_process import running_server
-from tests.test_service_dense import build_dense_bundle
-from tests.test_service_fixtures import CASE_LIMITS, TinyBundle, get_tiny_bundle, png_bytes, serve
+from tests.helpers import (
+    CASE_LIMITS,
+    png_bytes,
+    running_server,
+    serve,
+)
 
 RAW = {"content-type": "image/png"}
 ROUTES = ("/embed", "/reconstruct", "/segment", "/detect")
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def dense_bundle(tiny_bundle: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_dense_bundle(tiny_bundle, tmp_path_factory.mktemp("dense-messages") / "bundle")
 
 
 @pytest.fixture(scope="module")

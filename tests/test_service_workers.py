@@ -18,15 +18,9 @@ import pytest
 
 from service.backends.select import format_task_backends, parse_task_backends, select_backend
 from service.bundle import load_bundle
-from tests.test_service_e2e import REPO, _env, _free_port
-from tests.test_service_fixtures import TinyBundle, get_tiny_bundle, png_bytes
+from tests.helpers import REPO, TinyBundle, free_port, png_bytes, subprocess_env
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TinyBundle:
-    return get_tiny_bundle(tmp_path_factory)
 
 
 def _children(pid: int) -> list[int]:
@@ -47,12 +41,12 @@ def test_task_backends_round_trip(tiny_bundle: TinyBundle) -> None:
 
 
 def test_two_processes_share_the_port_and_drain_on_sigterm(tiny_bundle: TinyBundle, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "log"
     cmd = [sys.executable, "-m", "service", "--model-dir", str(tiny_bundle.path), "--port", str(port),
            "--backend", "onnxruntime", "--workers", "2"]  # fmt: skip
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while True:

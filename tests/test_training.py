@@ -15,38 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO, TINY, tiny_cfg, train_losses
 from training.config import ConfigError, list_presets, load_config
 from training.engine import lr_at, param_groups
 from training.models import create_model, load_model
 from training.pretrain import pretrain
-
-TINY = [
-    "model.name=cae_tiny_patch16_224",
-    "model.overrides={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, decoder_embed_dim: 32,"
-    " decoder_num_heads: 2, regressor_depth: 1, decoder_depth: 1, target: pixel, drop_path_rate: 0.0}",
-    "data.num_workers=0",
-    "data.mask_ratio=0.5",
-    "data.min_mask_patches_per_block=2",
-    "data.scale=[0.5, 1.0]",
-    "optim.batch_size=16",
-    "optim.warmup_epochs=1",
-    "optim.lr=2.0e-3",
-    "runtime.precision=fp32",
-    "runtime.device=cpu",
-    "runtime.log_every=1",
-    "runtime.tensorboard=false",
-    "runtime.recon_every_epochs=1",
-]
-
-
-def tiny_cfg(image_folder: Path, *extra: str):
-    return load_config("fmnist_cae", [*TINY, f"data.dataset=imagefolder:{image_folder}", *extra])
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
 # ------------------------------------------------------------------ configs

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle
+from ..bundle_format import min_row_cosine
 from .base import Backend, BackendOptions, BackendUnavailable, clean_reason
 from .onnxruntime import OnnxRuntimeBackend
 from .openvino import OpenVinoBackend
@@ -180,7 +181,7 @@ def probe_inputs(bundle: Bundle, task: str = "embed", rows: int = 4) -> dict[str
                 x[r, rng.choice(n, k, replace=False)] = True
             out[t["name"]] = x
         elif len(shape) == 4:
-            out[t["name"]] = _image_like(shape, seed=i)  # type: ignore[arg-type]
+            out[t["name"]] = _image_like(shape, seed=i)
         else:
             out[t["name"]] = np.random.default_rng(i).standard_normal(shape).astype(t["dtype"])
     return out
@@ -195,16 +196,6 @@ def _run(backend: Backend, bundle: Bundle, task: str, inputs: dict[str, np.ndarr
     if not set(names) <= set(outs) and len(outs) == len(names):  # a runtime that renamed them
         outs = dict(zip(names, outs.values(), strict=True))
     return {n: outs[n] for n in names if n in outs}
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    """Min over rows of the cosine between ``a`` and ``b`` [rows, ...] (flattened per row)."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    cos = (a * b).sum(1) / (na * nb + 1e-30)
-    cos = np.where((na == 0) & (nb == 0), 1.0, cos)  # both all-zero rows agree
-    return float(cos.min()) if cos.size else 1.0
 
 
 def output_cosine(task: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
@@ -223,11 +214,11 @@ def output_cosine(task: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarr
         if not a.size:
             continue
         if task == "embed" and i == 0 and a.ndim == 3:
-            worst = min(worst, _cos(a[:, 0], b[:, 0]), _cos(a[:, 1:].mean(1), b[:, 1:].mean(1)))
+            worst = min(worst, min_row_cosine(a[:, 0], b[:, 0]), min_row_cosine(a[:, 1:].mean(1), b[:, 1:].mean(1)))
             a, b = a[:, 1:], b[:, 1:]
         if task == "detect" or a.ndim == 1:  # detect runs one image per call: its outputs are one row
             a, b = a[None], b[None]
-        worst = min(worst, _cos(a, b))
+        worst = min(worst, min_row_cosine(a, b))
     return worst
 
 
@@ -431,8 +422,8 @@ def select_backend(
         raise BackendUnavailable(f"unknown backend {backend!r}; known: {', '.join(sorted(BACKENDS))}")
     if backend != "auto" and precision != "auto":
         loaded = _explicit(backend, precision, bundle, options)
-        skipped = [f"{t}: {backend} {precision}: {why}" for t, why in loaded.unavailable.items()]
-        return Selection(loaded, f"{backend} {precision} as configured", None, skipped)
+        refused = [f"{t}: {backend} {precision}: {why}" for t, why in loaded.unavailable.items()]
+        return Selection(loaded, f"{backend} {precision} as configured", None, refused)
     if backend != "auto":
         reason = BACKENDS[backend].probe()
         if reason:

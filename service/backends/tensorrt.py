@@ -14,7 +14,6 @@ Untested in CI (needs a CUDA GPU with TensorRT); the ONNX Runtime TensorRT EP is
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -22,13 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..bundle import DENSE_TASKS, Bundle
+from ..bundle_format import gpu_slug
 from .base import Backend, BackendUnavailable, missing_modules
 
 _logger = logging.getLogger("service")
-
-
-def _slug(s: str) -> str:  # the exporter's GPU naming
-    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
 def _check(result: Any) -> Any:
@@ -78,7 +74,7 @@ class _Engine:
     def _make_allocator(self) -> Any:
         trt, buffers = self.trt, self.buffers
 
-        class Allocator(trt.IOutputAllocator):
+        class Allocator(trt.IOutputAllocator):  # type: ignore[misc,name-defined]  # untyped module
             def __init__(self) -> None:
                 super().__init__()
                 self.shapes: dict[str, tuple[int, ...]] = {}
@@ -158,7 +154,7 @@ class TensorRTBackend(Backend):
             if _check(cudart.cudaGetDeviceCount()) < 1:
                 return None
             name = _check(cudart.cudaGetDeviceProperties(0)).name
-            return _slug(name.decode() if isinstance(name, bytes) else str(name))
+            return gpu_slug(name.decode() if isinstance(name, bytes) else str(name))
         except Exception:  # no driver, no device
             return None
 

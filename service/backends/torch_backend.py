@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import Bundle, sha256_file
+from ..bundle import Bundle
+from ..bundle_format import sha256_file
 from .base import Backend, BackendUnavailable, missing_modules
 
 _logger = logging.getLogger("service")

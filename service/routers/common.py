@@ -1,26 +1,31 @@
-"""Helpers shared by the task routers: decoding in the worker pool, content negotiation, OpenAPI bodies."""
+"""What the task routers share: the read -> decode -> submit prologue, work in the decode pool (decoding,
+post-processing), content negotiation and the OpenAPI request bodies and error responses."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+from fastapi import Request
 
+from ..batcher import MicroBatcher, Output
 from ..errors import DeadlineExceeded, NotAcceptable
 from ..fast import decode_inline
 from ..imaging import Decoded
+from ..inputs import read_images
 from ..runtime import Runtime
-from ..schemas import ErrorBody, ImageJSONBody, ImagesJSONBody
+from ..schemas import ErrorBody, ImagesJSON
 
 NPY = "application/x-npy"
 T = TypeVar("T")
 
 
-async def in_pool(runtime: Runtime, deadline: float, what: str, calls: list[Callable[[], T]]) -> list[T]:
+async def in_pool(runtime: Runtime, deadline: float, what: str, calls: Sequence[Callable[[], T]]) -> list[T]:
     """Run ``calls`` in the decode pool (off the event loop, in parallel) within the request deadline."""
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(runtime.decode_pool, c) for c in calls]
@@ -61,6 +66,55 @@ async def preprocess_all(
 ) -> np.ndarray:
     """Decode + preprocess every image in the decode pool (off the event loop) -> [n, C, H, W]."""
     return stack(await decode_all(runtime, blobs, deadline, task))
+
+
+async def off_loop(runtime: Runtime, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in the decode pool: post-processing never runs on the event loop, which keeps serving
+    other requests meanwhile (no deadline: the answer is computed, only its delivery is left)."""
+    return await asyncio.get_running_loop().run_in_executor(runtime.decode_pool, functools.partial(fn, *args))
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A request after the shared prologue: its image bytes, decoded images, the stacked batch and the
+    batcher's output for it."""
+
+    blobs: list[bytes]
+    decoded: list[Decoded]
+    images: np.ndarray  # [n, C, H, W], preprocessed
+    output: Output
+    decoded_at: float  # time.perf_counter() once decoded (the timing_ms split)
+
+
+async def read_decode_submit(
+    request: Request,
+    runtime: Runtime,
+    batcher: MicroBatcher,
+    deadline: float,
+    *,
+    max_images: int,
+    keep_images: bool = False,
+    extra_inputs: dict[str, np.ndarray] | None = None,
+    key: Hashable = None,
+    check: Callable[[list[bytes]], None] | None = None,
+) -> Submitted:
+    """Every model route's prologue: announce to ``batcher`` (429 before the body is read when its queue is
+    full), read the images, ``check`` them, decode + preprocess with the task's image spec, count them,
+    and await the batch output (``extra_inputs`` join ``images``; ``key``: what requests must share to
+    batch together)."""
+    task = batcher.task
+    with batcher.announce() as ticket:
+        blobs = await read_images(request, max_images)
+        if check is not None:
+            check(blobs)
+        decoded = await decode_all(runtime, blobs, deadline, task, keep_images=keep_images)
+        runtime.metrics.images.labels(task).inc(len(blobs))
+        decoded_at = time.perf_counter()
+        x = stack(decoded)
+        output = await batcher.submit(
+            {"images": x, **(extra_inputs or {})}, key=key, deadline=deadline, ticket=ticket
+        )
+    return Submitted(blobs, decoded, x, output, decoded_at)
 
 
 def timing(t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
@@ -129,7 +183,6 @@ def images_request_body(single: bool) -> dict[str, Any]:
     """OpenAPI requestBody for the accepted input forms (the routes parse bodies themselves, to control
     limits and error messages)."""
     binary = {"type": "string", "format": "binary"}
-    json_model = ImageJSONBody if single else ImagesJSONBody
     multipart: dict[str, Any] = {"type": "object", "properties": {"file": binary}}
     if not single:
         multipart["properties"]["files"] = {"type": "array", "items": binary}
@@ -143,7 +196,7 @@ def images_request_body(single: bool) -> dict[str, Any]:
             "content": {
                 "multipart/form-data": {"schema": multipart},
                 "application/json": {
-                    "schema": json_model.model_json_schema(),
+                    "schema": ImagesJSON.openapi_schema(single),
                     "example": {"image": EXAMPLE_PNG_B64} if single else {"images": [EXAMPLE_PNG_B64]},
                 },
                 "image/*": {"schema": binary},

@@ -19,9 +19,8 @@ from .. import dense
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..fast import JSONResponse
 from ..imaging import Decoded
-from ..inputs import read_images
 from ..schemas import DetectResponse, MaskFormat
-from .common import ERROR_RESPONSES, decode_all, images_request_body, in_pool, negotiate, stack, timing
+from .common import ERROR_RESPONSES, images_request_body, in_pool, negotiate, read_decode_submit, timing
 
 router = APIRouter(tags=["detect"], dependencies=[Depends(require_api_key)])
 
@@ -101,13 +100,11 @@ async def detect(
     classes = bundle.classes(TASK)
     if score_threshold is None:
         score_threshold = float(bundle.spec["tasks"][TASK].get("score_threshold", DEFAULT_SCORE_THRESHOLD))
-    with batcher.announce() as ticket:
-        blobs = await read_images(request, runtime.settings.max_images_per_request)
-        decoded = await decode_all(runtime, blobs, deadline, TASK)
-        runtime.metrics.images.labels(TASK).inc(len(blobs))
-        t1 = time.perf_counter()
-        # one {output name: array} per image (the batcher runs the graph on one image at a time)
-        outputs = await batcher.submit({"images": stack(decoded)}, deadline=deadline, ticket=ticket)
+    # one {output name: array} per image (the batcher runs the graph on one image at a time)
+    sub = await read_decode_submit(
+        request, runtime, batcher, deadline, max_images=runtime.settings.max_images_per_request
+    )
+    decoded, outputs, t1 = sub.decoded, sub.output, sub.decoded_at
     t2 = time.perf_counter()
     size = bundle.image_for(TASK).size
     nms_iou = bundle.spec["tasks"][TASK].get("nms_iou_threshold")  # class-agnostic NMS; absent: off (older bundles)

@@ -8,15 +8,54 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response
 
+from ..batcher import Output
+from ..bundle import Bundle
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..errors import Unprocessable
 from ..fast import JSONResponse, array_for_json
-from ..inputs import read_images
 from ..postprocess import l2_normalize, npy_bytes, pool
 from ..schemas import POOLING_PATTERN, EmbedResponse, OutDType
-from .common import ERROR_RESPONSES, NPY, images_request_body, negotiate, preprocess_all
+from .common import ERROR_RESPONSES, NPY, images_request_body, negotiate, off_loop, read_decode_submit
 
 router = APIRouter(tags=["embed"], dependencies=[Depends(require_api_key)])
+
+
+def respond(
+    bundle: Bundle, result: Output, pooling: str, normalize: bool, dtype: OutDType, as_npy: bool
+) -> Response:
+    """The batch output as the requested readout (pooled, optionally L2-normalized, in ``dtype``), encoded
+    as .npy or JSON: all of it in the decode pool, since ``pooling=none`` bodies are large."""
+    if isinstance(result, list):  # a graph with block readouts: one {output: array} per image
+        tokens = np.stack([r["tokens"] for r in result])
+        blocks = np.stack([r["block_readouts"] for r in result]) if "block_readouts" in result[0] else None
+    else:
+        tokens, blocks = result, None
+    out = pool(tokens, pooling, blocks)
+    if normalize:
+        out = l2_normalize(out)
+    out = out.astype(np.float16 if dtype is OutDType.float16 else np.float32, copy=False)
+    grid = list(bundle.image.grid) if pooling == "none" else None
+    if as_npy:
+        headers = {
+            "X-Shape": ",".join(map(str, out.shape)),
+            "X-Dtype": out.dtype.name,
+            "X-Model-Id": bundle.model_id,
+        }
+        if grid:
+            headers["X-Patch-Grid"] = ",".join(map(str, grid))
+        return Response(npy_bytes(out), media_type=NPY, headers=headers)
+    return JSONResponse(
+        {
+            "model": bundle.model_id,
+            "pooling": pooling,
+            "normalized": normalize,
+            "dtype": dtype.value,
+            "shape": list(out.shape),
+            "dim": int(out.shape[-1]),
+            "patch_grid": grid,
+            "embeddings": array_for_json(out),
+        }
+    )
 
 
 @router.post(
@@ -61,39 +100,7 @@ async def embed(
             f"pooling {pooling!r} is not offered by this model; choose one of {', '.join(bundle.poolings)}",
             code="invalid_option",
         )
-    with batcher.announce() as ticket:
-        blobs = await read_images(request, settings.max_images_per_request)
-        x = await preprocess_all(runtime, blobs, deadline)
-        runtime.metrics.images.labels("embed").inc(len(blobs))
-        result = await batcher.submit({"images": x}, deadline=deadline, ticket=ticket)
-    if isinstance(result, list):  # a graph with block readouts: one {output: array} per image
-        tokens = np.stack([r["tokens"] for r in result])
-        blocks = np.stack([r["block_readouts"] for r in result]) if "block_readouts" in result[0] else None
-    else:
-        tokens, blocks = result, None
-    out = pool(tokens, pooling, blocks)
-    if normalize:
-        out = l2_normalize(out)
-    out = out.astype(np.float16 if dtype is OutDType.float16 else np.float32, copy=False)
-    grid = list(bundle.image.grid) if pooling == "none" else None
-    if as_npy:
-        headers = {
-            "X-Shape": ",".join(map(str, out.shape)),
-            "X-Dtype": out.dtype.name,
-            "X-Model-Id": bundle.model_id,
-        }
-        if grid:
-            headers["X-Patch-Grid"] = ",".join(map(str, grid))
-        return Response(npy_bytes(out), media_type=NPY, headers=headers)
-    return JSONResponse(
-        {
-            "model": bundle.model_id,
-            "pooling": pooling,
-            "normalized": normalize,
-            "dtype": dtype.value,
-            "shape": list(out.shape),
-            "dim": int(out.shape[-1]),
-            "patch_grid": grid,
-            "embeddings": array_for_json(out),
-        }
+    sub = await read_decode_submit(
+        request, runtime, batcher, deadline, max_images=settings.max_images_per_request
     )
+    return await off_loop(runtime, respond, bundle, sub.output, pooling, normalize, dtype, as_npy)

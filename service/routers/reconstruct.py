@@ -6,7 +6,6 @@ is described in ``service/postprocess.py`` and docs/serving.md.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from typing import Annotated, Any
 
@@ -19,9 +18,8 @@ from ..bundle import Bundle
 from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..errors import Unprocessable
 from ..fast import JSONResponse
-from ..inputs import read_images
 from ..schemas import ReconstructResponse, View
-from .common import ERROR_RESPONSES, images_request_body, negotiate, preprocess_all
+from .common import ERROR_RESPONSES, images_request_body, negotiate, off_loop, read_decode_submit
 
 router = APIRouter(tags=["reconstruct"], dependencies=[Depends(require_api_key)])
 
@@ -121,18 +119,14 @@ async def reconstruct(
         )
     batcher = runtime.batcher("reconstruct")
     idx, used_seed = parse_mask(bundle, masked, mask_ratio, seed)
-    with batcher.announce() as ticket:
-        blobs = await read_images(request, 1)
-        x = await preprocess_all(runtime, blobs, deadline)
-        runtime.metrics.images.labels("reconstruct").inc()
-        mask = np.zeros((1, bundle.image.num_patches), dtype=bool)
-        mask[0, idx] = True
-        # the graph needs one masked count per batch: requests batch only with the same count
-        pred = await batcher.submit(
-            {"images": x, "mask": mask}, key=len(idx), deadline=deadline, ticket=ticket
-        )
-    loop = asyncio.get_running_loop()
-    outs = await loop.run_in_executor(runtime.decode_pool, build_outputs, bundle, x[0], idx, pred[0])
+    mask = np.zeros((1, bundle.image.num_patches), dtype=bool)
+    mask[0, idx] = True
+    # the graph needs one masked count per batch: requests batch only with the same count
+    sub = await read_decode_submit(
+        request, runtime, batcher, deadline, max_images=1, extra_inputs={"mask": mask}, key=len(idx)
+    )
+    x, pred = sub.images, sub.output
+    outs = await off_loop(runtime, build_outputs, bundle, x[0], idx, pred[0])
     ratio = len(idx) / bundle.image.num_patches
     headers = {"X-Model-Id": bundle.model_id, "X-Masked-Count": str(len(idx)), "X-Mask-Ratio": f"{ratio:.6g}"}
     if used_seed is not None:
@@ -142,7 +136,7 @@ async def reconstruct(
         def encode() -> dict[str, str]:
             return {k: P.b64png(outs[k]) for k in ("original", "masked", "reconstruction")}
 
-        images = await loop.run_in_executor(runtime.decode_pool, encode)
+        images = await off_loop(runtime, encode)
         grid = np.zeros(bundle.image.num_patches, dtype=bool)
         grid[idx] = True
         err = outs["error"]
@@ -163,5 +157,5 @@ async def reconstruct(
         arr = outs["reconstruction"]
     else:
         arr = np.concatenate([outs["original"], outs["masked"], outs["reconstruction"]], axis=1)
-    data = await loop.run_in_executor(runtime.decode_pool, P.png, arr)
+    data = await off_loop(runtime, P.png, arr)
     return Response(data, media_type="image/png", headers=headers)

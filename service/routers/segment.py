@@ -20,9 +20,8 @@ from ..deps import DeadlineDep, RuntimeDep, require_api_key
 from ..errors import NotAcceptable
 from ..fast import JSONResponse, array_for_json
 from ..imaging import Decoded, sniff_format
-from ..inputs import read_images
 from ..schemas import LabelFormat, SegmentResponse
-from .common import ERROR_RESPONSES, decode_all, images_request_body, in_pool, negotiate, stack, timing
+from .common import ERROR_RESPONSES, images_request_body, in_pool, negotiate, read_decode_submit, timing
 
 router = APIRouter(tags=["segment"], dependencies=[Depends(require_api_key)])
 
@@ -105,18 +104,20 @@ async def segment(
     bundle = runtime.bundle
     assert bundle is not None
     classes = bundle.classes(TASK)
-    with batcher.announce() as ticket:
-        blobs = await read_images(request, runtime.settings.max_images_per_request)
+
+    def one_map_per_png(blobs: list[bytes]) -> None:
         if raw_png and len(blobs) > 1:
             raise NotAcceptable(
                 f"an image/png answer holds one label map; {len(blobs)} images sent "
                 "(send one, or accept application/json)",
                 limit=1,
             )
-        decoded = await decode_all(runtime, blobs, deadline, TASK, keep_images=overlay and not raw_png)
-        runtime.metrics.images.labels(TASK).inc(len(blobs))
-        t1 = time.perf_counter()
-        logits = await batcher.submit({"images": stack(decoded)}, deadline=deadline, ticket=ticket)
+
+    sub = await read_decode_submit(
+        request, runtime, batcher, deadline, max_images=runtime.settings.max_images_per_request,
+        keep_images=overlay and not raw_png, check=one_map_per_png,
+    )  # fmt: skip
+    blobs, decoded, logits, t1 = sub.blobs, sub.decoded, sub.output, sub.decoded_at
     t2 = time.perf_counter()
     fmt = None if raw_png else format
     alpha = overlay_alpha if overlay else None
