@@ -85,14 +85,14 @@ class Heads:
 class BundleHeads(Heads):
     """The bundle's ``segment.onnx`` / ``detect.onnx`` through the service's ONNX Runtime backend (no torch)."""
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1, tasks: tuple[str, ...] = ("segment", "detect")) -> None:
         from service.backends.base import BackendOptions
         from service.backends.onnxruntime import OnnxRuntimeBackend
         from service.bundle import load_bundle
 
         self.bundle = load_bundle(path)
         self.name = f"bundle:{path}"
-        tasks = [t for t in ("segment", "detect") if t in self.bundle.spec["tasks"]]
+        tasks = tuple(t for t in tasks if t in self.bundle.spec["tasks"])
         self.backend = OnnxRuntimeBackend(BackendOptions(device="cpu", threads=threads))
         self.backend.load(self.bundle, "fp32", tasks)
         det = self.bundle.spec["tasks"].get("detect", {})
@@ -289,20 +289,24 @@ def eval_detection(heads: Heads, root: Path, limit: int | None, thresholds: tupl
     return res
 
 
-def single_garments(heads: Heads, fmnist_root: Path, n: int, thresholds: tuple[float, ...]) -> dict[str, Any]:
-    """Exactly-one-detection-of-the-right-class rates (see the module docstring for the garment scale)."""
+def single_garments(heads: Heads, fmnist_root: Path, n: int, thresholds: tuple[float, ...],
+                    n_full: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Exactly-one-detection-of-the-right-class rates (see the module docstring for the garment scale);
+    ``n`` garments placed "half", ``n_full`` (default ``n``) placed "full"."""
     from training.data import FashionMNIST
 
     ds = FashionMNIST(fmnist_root, split="test")
     pre = Preprocessor(heads.image("detect"), _LIMITS)
     out: dict[str, Any] = {"garments": n, "sizes": list(SIZES), "served_threshold": heads.score_threshold}
     t0 = time.perf_counter()
-    for placement in ("half", "full"):
+    for placement, n_place in (("half", n), ("full", n if n_full is None else n_full)):
+        if n_place <= 0:
+            continue
         ok = {t: 0 for t in thresholds}
         one = {t: 0 for t in thresholds}
         per_size = {c: [0, 0] for c in SIZES}
         rng = np.random.default_rng(14)
-        for i in range(n):
+        for i in range(n_place):
             c = SIZES[i % len(SIZES)]
             garment, label = ds.images[i], int(ds.labels[i])
             canvas = np.zeros((c, c), np.uint8)
@@ -322,8 +326,9 @@ def single_garments(heads: Heads, fmnist_root: Path, n: int, thresholds: tuple[f
             per_size[c][0] += len(kept) == 1 and kept[0]["label"] == label + 1
             per_size[c][1] += 1
         out[placement] = {
-            "exactly_one_right_class": {str(t): round(100 * ok[t] / n, 2) for t in thresholds},
-            "exactly_one_any_class": {str(t): round(100 * one[t] / n, 2) for t in thresholds},
+            "garments": n_place,
+            "exactly_one_right_class": {str(t): round(100 * ok[t] / n_place, 2) for t in thresholds},
+            "exactly_one_any_class": {str(t): round(100 * one[t] / n_place, 2) for t in thresholds},
             "per_size_at_served": {str(c): round(100 * a / max(b, 1), 1) for c, (a, b) in per_size.items()},
         }
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -364,7 +369,7 @@ def empty_canvases(heads: Heads, n: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- main
 def evaluate(heads: Heads, sets: dict[str, Path], limit: int | None, garments: int, canvases: int,
              fmnist_root: Path, thresholds: tuple[float, ...], grids: Path | None,
-             log: Callable[[str], None] = _logger.info) -> dict[str, Any]:  # fmt: skip
+             log: Callable[[str], None] = _logger.info, garments_full: int | None = None) -> dict[str, Any]:  # fmt: skip
     thresholds = tuple(sorted({*thresholds, heads.score_threshold}))
     res: dict[str, Any] = {"heads": heads.name, "scenes": heads.scenes, "score_threshold": heads.score_threshold,
                            "nms_iou": heads.nms_iou, "sets": {}}  # fmt: skip
@@ -379,7 +384,7 @@ def evaluate(heads: Heads, sets: dict[str, Path], limit: int | None, garments: i
                 f"mask AP50 {r['detect']['segm_mAP_50']} ({r['detect']['seconds']} s)")  # fmt: skip
         res["sets"][name] = r
     if heads.has("detect") and garments:
-        res["single_garment"] = single_garments(heads, fmnist_root, garments, thresholds)
+        res["single_garment"] = single_garments(heads, fmnist_root, garments, thresholds, garments_full)
         log(f"single garment: {json.dumps({k: v for k, v in res['single_garment'].items() if k in ('half', 'full')})}")
     if canvases:
         res["empty_canvases"] = empty_canvases(heads, canvases)
@@ -397,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=Path, default=Path("runs/scenes_v2"), help="in-distribution scenes")
     p.add_argument("--shifted", type=Path, default=Path("runs/scenes_shifted"), help="shifted scenes")
     p.add_argument("--limit", type=int, default=None, help="first N scenes of each set")
-    p.add_argument("--garments", type=int, default=1000)
+    p.add_argument("--garments", type=int, default=1000, help="single garments, 'half' placement")
+    p.add_argument("--garments-full", type=int, default=None, help="single garments, 'full' placement (default: --garments)")
+    p.add_argument("--tasks", default="segment,detect", help="evaluate only these heads")
     p.add_argument("--canvases", type=int, default=100)
     p.add_argument("--fmnist-root", type=Path, default=S.FMNIST_DIR)
     p.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
@@ -405,10 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON results")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tasks = {t.strip() for t in args.tasks.split(",")}
     if args.bundle:
-        heads: Heads = BundleHeads(args.bundle)
+        heads: Heads = BundleHeads(args.bundle, tasks=tuple(sorted(tasks)))
     elif args.segment or args.detect:
-        heads = TorchHeads(args.segment, args.detect, args.score_threshold, args.nms_iou)
+        heads = TorchHeads(args.segment if "segment" in tasks else None, args.detect if "detect" in tasks else None,
+                           args.score_threshold, args.nms_iou)  # fmt: skip
     else:
         p.error("give --bundle or --segment/--detect")
     if args.grids:
@@ -416,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = {k: v for k, v in (("val", args.val), ("shifted", args.shifted)) if v and (v / "scenes.json").is_file()}
     t0 = time.perf_counter()
     res = evaluate(heads, sets, args.limit, args.garments, args.canvases, args.fmnist_root,
-                   tuple(float(t) for t in args.thresholds.split(",")), args.grids)  # fmt: skip
+                   tuple(float(t) for t in args.thresholds.split(",")), args.grids,
+                   garments_full=args.garments_full)  # fmt: skip
     res["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(res, indent=2)
     if args.out:

@@ -54,10 +54,17 @@ def evaluate_detection(
     cat_ids = list(source.cat_ids)
     for images, targets in loader:
         outs = [agnostic_nms(o, nms_iou) for o in model([im.to(device) for im in images])]
-        for out, tgt in zip(outs, targets, strict=True):
+        for im, out, tgt in zip(images, outs, targets, strict=True):
             seen.append(int(tgt["image_id"]))
-            boxes = out["boxes"].cpu().numpy()
-            masks = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+            # back to the canvas the ground truth is in (v2 scenes vary in size; the model sees S x S)
+            info = source.coco.imgs[int(tgt["image_id"])]
+            w, h = int(info["width"]), int(info["height"])
+            s_h, s_w = im.shape[-2:]
+            boxes = (out["boxes"].cpu() * torch.tensor([w / s_w, h / s_h, w / s_w, h / s_h])).numpy()
+            probs = out["masks"].cpu().float()
+            if len(probs) and tuple(probs.shape[-2:]) != (h, w):
+                probs = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+            masks = (probs[:, 0] > 0.5).numpy().astype(np.uint8)
             rles = masks_to_rle(masks) if len(masks) else []
             for j in range(len(boxes)):
                 x1, y1, x2, y2 = boxes[j].tolist()
