@@ -104,22 +104,13 @@ class Preprocess:
 
 
 def preprocess_for(path: Path, model: CAE, image_size: int) -> Preprocess:
-    """Normalization the encoder was trained with: our metadata, else the run config, else ImageNet."""
-    from training import data as D
+    """Normalization the encoder was trained with (``training.preprocess.Preprocessing.from_metadata``: our
+    metadata, else the run config, else ImageNet), for ``image_size`` inputs. ``model``: as loaded, at
+    its trained size."""
+    from training.preprocess import Preprocessing
 
-    meta = read_metadata(path)
-    if "preprocess" in meta:
-        p = json.loads(meta["preprocess"])
-        return Preprocess(image_size, list(p["mean"]), list(p["std"]), p.get("interpolation", "bicubic"),
-                          p.get("class_names"))  # fmt: skip
-    if "run_config" in meta:
-        data = json.loads(meta["run_config"]).get("data", {})
-        ds = str(data.get("dataset", ""))
-        mean, std = D.normalization_for(ds, data.get("mean"), data.get("std"))
-        names = list(D.FMNIST_CLASSES) if ds.startswith("fashion-mnist") else None
-        return Preprocess(image_size, list(mean), list(std), class_names=names)
-    mean, std = D.normalization_for("")
-    return Preprocess(image_size, list(mean), list(std))
+    p = Preprocessing.from_metadata(read_metadata(path), model.cfg.img_size)
+    return Preprocess(image_size, list(p.mean), list(p.std), p.interpolation, p.class_names)
 
 
 def real_images(pre: Preprocess, n: int = 8) -> np.ndarray | None:
@@ -233,10 +224,10 @@ def export_bundle(
         raise ExportError(f"unknown tasks {unknown}; available: {list(TASKS)}")
     model = load_model(checkpoint)
     size = image_size or model.cfg.img_size
+    pre = preprocess_for(checkpoint, model, size)
     model = resize_model(model, size)
     if "reconstruct" in tasks and model.cfg.encoder_only:
         raise ExportError("reconstruct needs a pretraining checkpoint (this one is encoder-only); use --tasks embed")
-    pre = preprocess_for(checkpoint, model, size)
     default_pooling = read_metadata(checkpoint).get("readout") or "cls"  # the readout the model card measured
     parse_readout(default_pooling, model.cfg.depth)
     out = Path(out_dir)
