@@ -1,4 +1,6 @@
-"""``python -m service [--model-dir DIR] [--host H] [--port P] [--backend B] [--precision P]``.
+"""The command line: flags into settings, then uvicorn (one process or several workers) serving the app.
+
+    python -m service [--model-dir DIR] [--host H] [--port P] [--backend B] [--precision P]
 
 Flags override ``CAE_*`` environment variables, which override the defaults in ``service/settings.py``.
 """
