@@ -31,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=get_args(BackendName), help="inference runtime (default: auto)")
     p.add_argument("--precision", choices=get_args(PrecisionName), help="precision (default: auto)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--workers", type=int, help="server processes sharing the port (default: CAE_WORKERS or 1)")
+    p.add_argument(
+        "--workers", type=int, help="server processes sharing the port (default: CAE_WORKERS or 1)"
+    )
     return p.parse_args(argv)
 
 
