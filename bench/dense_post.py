@@ -45,7 +45,9 @@ def best_ms(fn: Callable[[], Any], repeat: int) -> float:
 def photo(width: int, height: int, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.stack([127 + 100 * np.sin(xx / (150 + 40 * k) + k) * np.cos(yy / (90 + 30 * k)) for k in range(3)], -1)
+    img = np.stack(
+        [127 + 100 * np.sin(xx / (150 + 40 * k) + k) * np.cos(yy / (90 + 30 * k)) for k in range(3)], -1
+    )
     img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "JPEG", quality=90)
@@ -115,12 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         t_decode = best_ms(lambda: pre.process(data, keep_image=True), n)
         rows += [
             ("segment: label map PNG", best_ms(before_png, n), best_ms(run(LabelFormat.png, None, "png"), n)),
-            ("segment: + overlay (JPEG input: overlay_format=auto -> jpeg)", best_ms(before_overlay, n),
-             best_ms(run(LabelFormat.png, 0.5, "jpeg"), n) - t_decode),
-            ("segment: + overlay, overlay_format=png", best_ms(before_overlay, n),
-             best_ms(run(LabelFormat.png, 0.5, "png"), n) - t_decode),
-            ("segment: format=json (nested lists)", best_ms(before_json, n), best_ms(run(LabelFormat.json, None, "png"), n)),
-        ]  # fmt: skip
+            (
+                "segment: + overlay (JPEG input: overlay_format=auto -> jpeg)",
+                best_ms(before_overlay, n),
+                best_ms(run(LabelFormat.png, 0.5, "jpeg"), n) - t_decode,
+            ),
+            (
+                "segment: + overlay, overlay_format=png",
+                best_ms(before_overlay, n),
+                best_ms(run(LabelFormat.png, 0.5, "png"), n) - t_decode,
+            ),
+            (
+                "segment: format=json (nested lists)",
+                best_ms(before_json, n),
+                best_ms(run(LabelFormat.json, None, "png"), n),
+            ),
+        ]
         out(f"segment inference ({args.backend} {args.precision}, {x.shape[-1]}px input): {t_inf:.1f} ms")
     if "detect" in tasks:
         pre = Preprocessor(bundle.image_for("detect"), Limits(100_000_000, 1))
@@ -136,16 +148,24 @@ def main(argv: list[str] | None = None) -> int:
             def go() -> None:
                 for i in keep:
                     full = np.zeros((args.height, args.width), bool)
-                    for r, chunk in dense._resized_rows(outs["masks"][i].reshape(1, *outs["masks"][i].shape[-2:]),
-                                                        args.height, args.width):  # fmt: skip
+                    for r, chunk in dense._resized_rows(
+                        outs["masks"][i].reshape(1, *outs["masks"][i].shape[-2:]), args.height, args.width
+                    ):
                         full[r] = chunk[0] > dense.MASK_THRESHOLD
                     dense.rle_encode(full) if kind == "rle" else _pil_png_b64(full.astype(np.uint8) * 255)
 
             return go
 
         for kind, fmt in (("rle", MaskFormat.rle), ("png", MaskFormat.png)):
-            rows.append((f"detect: {len(keep)} masks as {kind}", best_ms(before_masks(kind), n),
-                         best_ms(lambda fmt=fmt: detect_one(outs, d, classes, size, args.score_threshold, 100, fmt), n)))  # fmt: skip
+            rows.append(
+                (
+                    f"detect: {len(keep)} masks as {kind}",
+                    best_ms(before_masks(kind), n),
+                    best_ms(
+                        lambda fmt=fmt: detect_one(outs, d, classes, size, args.score_threshold, 100, fmt), n
+                    ),
+                )
+            )
         out(f"detect inference ({args.backend} {args.precision}): {t_det:.1f} ms")
     out(f"\n{args.width}x{args.height} JPEG photo, post-processing ms (best of {n}):\n")
     out("| step | before | after |")

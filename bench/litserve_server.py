@@ -1,6 +1,7 @@
 """LitServe baseline for ``bench/serve.py``: the bundle's embed graph behind LitServe's dynamic batching.
 
-    python bench/litserve_server.py --model-dir models/default --port 8300 [--backend onnxruntime --precision int8]
+    python bench/litserve_server.py --model-dir models/default --port 8300 \\
+        [--backend onnxruntime --precision int8]
 
 ``POST /embed`` takes the same payloads as the service (JSON ``{"images": ["<base64>"]}`` or a raw
 image body), decodes and preprocesses with the service's own ``Preprocessor`` (the same pixels), batches
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     api = EmbedAPI(args.model_dir, args.backend, args.precision, args.threads, max_batch_size=args.max_batch,
                    batch_timeout=args.batch_timeout_ms / 1000.0, api_path="/embed")  # fmt: skip
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30, healthcheck_path="/readyz")
+    server = ls.LitServer(
+        api, accelerator="cpu", workers_per_device=1, timeout=30, healthcheck_path="/readyz"
+    )
     server.run(host="127.0.0.1", port=args.port, log_level=args.log_level, generate_client_file=False)
     return 0
 

@@ -2,15 +2,17 @@
 
     python bench/load_test.py                              # models/default, 3 minutes of overload
     python bench/load_test.py --duration 60 --json out.json
-    python bench/load_test.py --quick                      # ~20 s of load in all (CI, tests/test_reliability.py)
+    python bench/load_test.py --quick                      # ~20 s of load in all (CI,
+                                                           # tests/test_reliability.py)
 
 Everything runs on 127.0.0.1: the server is ``python -m service`` started as a subprocess on a free port
-(``bench/serve.py``'s ``ServerProcess``: own process group, stopped on every exit path). Phases:
+(``bench/serving/procs.py``'s ``ServerProcess``: own process group, stopped on every exit path). Phases:
 
 1. **capacity**: closed loop, ``--clients`` keep-alive clients each sending the next ``POST /embed`` as
    soon as the previous one answered, gives a first figure; then open-loop steps of ``--ramp-s`` seconds
-   from ``--ramp-start`` x that figure, rising by ``--ramp-factor`` until a step is not served in full (< 97% 200s, or p99 over
-   ``--p99-bound-ms``, twice in a row: the CPU may be shared): capacity = the last step that was (``--quick`` keeps the closed-loop figure);
+   from ``--ramp-start`` x that figure, rising by ``--ramp-factor`` until a step is not served in full
+   (< 97% 200s, or p99 over ``--p99-bound-ms``, twice in a row: the CPU may be shared): capacity = the
+   last step that was (``--quick`` keeps the closed-loop figure);
 2. **base**: open loop (requests sent on a fixed schedule, whatever the answers) at ``--base`` x capacity;
 3. **overload**: open loop at ``--overload`` x capacity (default 2x) for ``--duration`` seconds;
 4. **recovery**: open loop at ``--base`` x capacity again.
@@ -382,14 +384,16 @@ def verdict(result: dict[str, Any], rss_growth_mb: float) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "| phase | offered req/s | sent | 200/s | p50 ms (200) | p99 ms (200) | statuses | timeouts | RSS MB start/max/end |",
+        "| phase | offered req/s | sent | 200/s | p50 ms (200) | p99 ms (200) | statuses | timeouts "
+        "| RSS MB start/max/end |",
         "|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for p in result["phases"]:
         offered = "closed loop" if p["offered_rps"] is None else f"{p['offered_rps']:.0f}"
         st = ", ".join(f"{k}: {v}" for k, v in p["statuses"].items())
         lines.append(
-            f"| {p['name']} | {offered} | {p['sent']} | {p['ok_rps']:.1f} | {p['p50_ms']} | {p['p99_ms']} | {st} "
+            f"| {p['name']} | {offered} | {p['sent']} | {p['ok_rps']:.1f} | {p['p50_ms']} | {p['p99_ms']} "
+            f"| {st} "
             f"| {p['timeouts']} | {p['rss_mb_start']}/{p['rss_mb_max']}/{p['rss_mb_end']} |"
         )
     over = next(p for p in result["phases"] if p["name"] == "overload")
@@ -398,7 +402,8 @@ def markdown(result: dict[str, Any]) -> str:
     for w in over["windows"]:
         st = ", ".join(f"{k}: {v}" for k, v in w["statuses"].items())
         lines.append(
-            f"| {w['from_s']:.0f} | {w['ok_rps']:.1f} | {w['p50_ms']} | {w['p99_ms']} | {st} | {w['rss_mb_max']} |"
+            f"| {w['from_s']:.0f} | {w['ok_rps']:.1f} | {w['p50_ms']} | {w['p99_ms']} | {st} "
+            f"| {w['rss_mb_max']} |"
         )
     v = result["verdict"]
     lines += ["", "Checks: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in v["checks"].items())]

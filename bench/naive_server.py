@@ -74,7 +74,9 @@ def image_bytes(content_type: str, body: bytes) -> bytes:
     return body
 
 
-def create_app(model_dir: Path, threads: int = 0, backend: str = "onnxruntime", precision: str = "fp32") -> FastAPI:
+def create_app(
+    model_dir: Path, threads: int = 0, backend: str = "onnxruntime", precision: str = "fp32"
+) -> FastAPI:
 
     spec = json.loads((model_dir / "spec.json").read_text())
     image = spec["image"]
@@ -113,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, required=True, help="bundle directory (spec.json + embed graph)")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--threads", type=int, default=0, help="runtime intra-op threads (0 = its default)")
-    p.add_argument("--backend", default="onnxruntime", help="runtime of the embed graph (service backend name)")
+    p.add_argument(
+        "--backend", default="onnxruntime", help="runtime of the embed graph (service backend name)"
+    )
     p.add_argument("--precision", default="fp32", help="graph precision (fp32, int8, bf16 ...)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="no uvicorn access log line per request")

@@ -94,8 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fastest", action="store_true", help="skip timing every runtime in-process")
     p.add_argument("--load", choices=["wrk", "python"], default="wrk" if wrk_available() else "python",
                    help="load generator (default: wrk when installed)")  # fmt: skip
-    p.add_argument("--payload", choices=["json", "png"], default="json",
-                   help="JSON base64 body (default, as clients of JSON APIs send) or the raw PNG")  # fmt: skip
+    p.add_argument(
+        "--payload",
+        choices=["json", "png"],
+        default="json",
+        help="JSON base64 body (default, as clients of JSON APIs send) or the raw PNG",
+    )
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the best per level is kept")
     p.add_argument("--workers", type=int, default=1, help="server processes (CAE_WORKERS)")
     p.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
@@ -156,9 +160,21 @@ def _measure(args: argparse.Namespace, port: int, pid: int | None, body: bytes, 
     if args.load == "wrk":
         out = []
         for c in levels:
-            res, _ = run_wrk(port, "/embed", body, ctype, c, args.duration, args.warmup, pid, args.request_timeout,
-                             metrics=metrics)  # fmt: skip
-            _logger.info("%s c=%d: %.1f req/s, p50 %.2f ms, errors %s", label, c, res.rps, res.p50_ms, res.errors)
+            res, _ = run_wrk(
+                port,
+                "/embed",
+                body,
+                ctype,
+                c,
+                args.duration,
+                args.warmup,
+                pid,
+                args.request_timeout,
+                metrics=metrics,
+            )
+            _logger.info(
+                "%s c=%d: %.1f req/s, p50 %.2f ms, errors %s", label, c, res.rps, res.p50_ms, res.errors
+            )
             out.append(res)
         return out
     payload = build_request(port, "/embed", body, ctype)
@@ -232,7 +248,9 @@ def run(args: argparse.Namespace) -> Report:
                        "--batch-timeout-ms", str(server["max_wait_ms"]), *same]  # fmt: skip
                 with ServerProcess(f"litserve{rnd}", cmd, child_env({}), port, Path(tmp)) as lit:
                     lit.wait_ready(args.start_timeout)
-                    runs["litserve"].append(_measure(args, port, lit.pid, body, ctype, levels, "litserve", False))
+                    runs["litserve"].append(
+                        _measure(args, port, lit.pid, body, ctype, levels, "litserve", False)
+                    )
             if not args.no_naive:
                 port = free_port()
                 cmd = [sys.executable, str(REPO_ROOT / "bench" / "naive_server.py"), "--model-dir",
@@ -246,9 +264,15 @@ def run(args: argparse.Namespace) -> Report:
     mb = server["max_batch"]
     _logger.info("in-process: %s %s, batch %d and 1", server["embed_backend"], server["embed_precision"], mb)
     inprocess = measure_inprocess(
-        bundle_dir, server["embed_backend"], server["embed_precision"], "cpu" if server["device"] == "cpu" else "auto",
-        mb, png, args.duration, args.warmup,
-    )  # fmt: skip
+        bundle_dir,
+        server["embed_backend"],
+        server["embed_precision"],
+        "cpu" if server["device"] == "cpu" else "auto",
+        mb,
+        png,
+        args.duration,
+        args.warmup,
+    )
     every = {} if args.no_fastest else fastest_inprocess(bundle_dir, "auto", mb, png, min(args.duration, 5.0))
     return Report(
         bundle=str(bundle_dir),

@@ -57,7 +57,9 @@ def instance_flops_per_image(model, hidden: int, proj: int) -> float:
     return 3 * (c.depth * block + 2 * head)
 
 
-def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+def matmul_rate(
+    m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, seconds: float = 1.0
+) -> float:
     """Achieved FLOP/s of [m, k] x [k, n] in ``dtype`` (best of repeated timed batches)."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
@@ -94,7 +96,9 @@ def measure(
     nm = int(round(mask_ratio * c.num_patches))
     mask = torch.zeros(batch, c.num_patches, dtype=torch.bool, device=device)
     mask[:, torch.randperm(c.num_patches)[:nm]] = True
-    target = x if c.target == "pixel" else torch.randint(0, c.vocab_size, (batch, c.num_patches), device=device)
+    target = (
+        x if c.target == "pixel" else torch.randint(0, c.vocab_size, (batch, c.num_patches), device=device)
+    )
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -150,17 +154,33 @@ def main() -> int:
     base = measure(model, args.batch, args.steps, device, None, cfg.data.mask_ratio, cfg)
     rows = [("fp32", "fp32", base)]
     if low is not None:
-        rows.append(("bf16 autocast", "bf16", measure(model, args.batch, args.steps, device, low, cfg.data.mask_ratio, cfg)))
+        rows.append(
+            (
+                "bf16 autocast",
+                "bf16",
+                measure(model, args.batch, args.steps, device, low, cfg.data.mask_ratio, cfg),
+            )
+        )
     _logger.info("%s on %s (%d threads), batch %d, %.2f GFLOP/img per training step", args.preset, device,
                  torch.get_num_threads(), args.batch, flops / 1e9)  # fmt: skip
     for name, (sq, shaped) in peaks.items():
-        _logger.info("matmul %-4s  2048^3 %7.1f GFLOP/s   %dx%dx%d (model-shaped) %7.1f GFLOP/s", name, sq / 1e9,
-                     tokens, d, 4 * d, shaped / 1e9)  # fmt: skip
+        _logger.info(
+            "matmul %-4s  2048^3 %7.1f GFLOP/s   %dx%dx%d (model-shaped) %7.1f GFLOP/s",
+            name,
+            sq / 1e9,
+            tokens,
+            d,
+            4 * d,
+            shaped / 1e9,
+        )
     for name, prec, rate in rows:
         achieved = rate * flops
         sq, shaped = peaks[prec]
-        line = (f"{name:14s} {rate:9.1f} img/s  x{rate / base:.2f} vs fp32  {achieved / 1e9:8.1f} GFLOP/s = "
-                f"{100 * achieved / sq:.0f}% of the {prec} matmul rate ({100 * achieved / shaped:.0f}% of model-shaped)")
+        line = (
+            f"{name:14s} {rate:9.1f} img/s  x{rate / base:.2f} vs fp32  {achieved / 1e9:8.1f} GFLOP/s = "
+            f"{100 * achieved / sq:.0f}% of the {prec} matmul rate "
+            f"({100 * achieved / shaped:.0f}% of model-shaped)"
+        )
         if args.peak_tflops:
             line += f"  MFU {100 * achieved / 1e12 / args.peak_tflops:.1f}%"
         _logger.info(line)

@@ -1,6 +1,7 @@
 """Send one image to a Triton server running ``python -m export triton`` output; print the embedding shape.
 
-    python deploy/triton_client.py shirt.png [--url localhost:8001] [--model cae_embed] [--bundle models/default]
+    python deploy/triton_client.py shirt.png [--url localhost:8001] [--model cae_embed] \\
+        [--bundle models/default]
 
 The image is decoded and preprocessed by the service's own ``Preprocessor`` with the bundle's
 ``spec.json`` (the same file Triton's model directory carries), so Triton sees exactly the tensor

@@ -51,11 +51,20 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     try:
-        spec = export_bundle(args.checkpoint, args.out_dir, tasks=tasks, image_size=args.image_size,
-                             opset=args.opset, fp16=args.fp16, int8=args.int8, segment=args.segment,
-                             detect=args.detect, scenes_root=args.scenes,
-                             detect_score_threshold=args.detect_score_threshold,
-                             detect_nms_iou=None if args.detect_nms_iou < 0 else args.detect_nms_iou)  # fmt: skip
+        spec = export_bundle(
+            args.checkpoint,
+            args.out_dir,
+            tasks=tasks,
+            image_size=args.image_size,
+            opset=args.opset,
+            fp16=args.fp16,
+            int8=args.int8,
+            segment=args.segment,
+            detect=args.detect,
+            scenes_root=args.scenes,
+            detect_score_threshold=args.detect_score_threshold,
+            detect_nms_iou=None if args.detect_nms_iou < 0 else args.detect_nms_iou,
+        )
     except (ExportError, CheckpointError) as e:
         _logger.error("%s", e)
         return 2
@@ -68,8 +77,15 @@ def _cmd_tensorrt(args: argparse.Namespace) -> int:
     from export.tensorrt import TensorRTError, export_tensorrt
 
     try:
-        export_tensorrt(args.bundle, fp16=args.fp16, int8=args.int8, calib_dir=args.calib_dir,
-                        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)  # fmt: skip
+        export_tensorrt(
+            args.bundle,
+            fp16=args.fp16,
+            int8=args.int8,
+            calib_dir=args.calib_dir,
+            min_batch=args.min_batch,
+            opt_batch=args.opt_batch,
+            max_batch=args.max_batch,
+        )
     except TensorRTError as e:
         _logger.error("%s", e)
         return 2
@@ -95,16 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "convert",
         help="official / mmpretrain / encoder-only .pth (or ours) -> our .safetensors",
-        description="Convert a CAE checkpoint to our single-file safetensors format (config in the metadata). "
+        description="Convert a CAE checkpoint to our single-file safetensors format "
+        "(config in the metadata). "
         "Foreign files are read with torch.load(weights_only=True) and an explicit allow-list.",
     )
-    c.add_argument("src", help="checkpoint to read (.pth from the official code or mmpretrain, or .safetensors)")
+    c.add_argument(
+        "src", help="checkpoint to read (.pth from the official code or mmpretrain, or .safetensors)"
+    )
     c.add_argument("dst", help="output path, ending in .safetensors")
     c.add_argument("--num-heads", type=int, default=None, help="encoder heads, when the file cannot tell")
     c.add_argument("--decoder-num-heads", type=int, default=None, help="regressor/decoder heads, likewise")
-    c.add_argument("--readout", default=None,
-                   help="default readout: cls | mean | cls+mean | lastN (what eval measures and /embed serves "
-                   "by default; written into the file)")
+    c.add_argument(
+        "--readout",
+        default=None,
+        help="default readout: cls | mean | cls+mean | lastN (what eval measures and /embed serves "
+        "by default; written into the file)",
+    )
     c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.set_defaults(func=_cmd_convert)
     o = sub.add_parser(
@@ -117,14 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--image-size", type=int, default=None, help="input size (default: the trained size)")
     o.add_argument("--opset", type=int, default=18)
     o.add_argument("--fp16", action="store_true", help="also write fp16 graphs (cosine >= 0.999 to fp32)")
-    o.add_argument("--int8", action="store_true", help="also write int8 graphs (ORT dynamic quantization, cosine >= 0.99)")
+    o.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write int8 graphs (ORT dynamic quantization, cosine >= 0.99)",
+    )
     o.add_argument("--segment", default=None, help="a trained segmentation head (segment.safetensors) to add")
     o.add_argument("--detect", default=None, help="a trained detection head (detect.safetensors) to add")
-    o.add_argument("--detect-score-threshold", type=float, default=0.5,
-                   help="the service's default score threshold for /detect, recorded in spec.json")
-    o.add_argument("--detect-nms-iou", type=float, default=0.5,
-                   help="IoU threshold of the service's class-agnostic NMS for /detect (spec.json); < 0: off")
-    o.add_argument("--scenes", default=None, help="scenes benchmark folder: its validation images join the parity inputs")
+    o.add_argument(
+        "--detect-score-threshold",
+        type=float,
+        default=0.5,
+        help="the service's default score threshold for /detect, recorded in spec.json",
+    )
+    o.add_argument(
+        "--detect-nms-iou",
+        type=float,
+        default=0.5,
+        help="IoU threshold of the service's class-agnostic NMS for /detect (spec.json); < 0: off",
+    )
+    o.add_argument(
+        "--scenes", default=None, help="scenes benchmark folder: its validation images join the parity inputs"
+    )
     o.add_argument("--json", action="store_true", help="print spec.json on stdout")
     o.set_defaults(func=_cmd_onnx)
     r = sub.add_parser("tensorrt", help="TensorRT engines from a bundle's ONNX graphs (needs a CUDA GPU)")

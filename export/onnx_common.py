@@ -59,4 +59,6 @@ def validate_spec(spec: dict[str, Any]) -> None:
         bundle_format.validate_spec(spec)
     except jsonschema.ValidationError as e:
         where = list(e.absolute_path)
-        raise ExportError(f"spec.json does not match {bundle_format.SCHEMA_NAME}: {e.message} at {where}") from e
+        raise ExportError(
+            f"spec.json does not match {bundle_format.SCHEMA_NAME}: {e.message} at {where}"
+        ) from e

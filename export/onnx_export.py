@@ -70,7 +70,9 @@ def resize_model(model: CAE, image_size: int) -> CAE:
     if image_size == model.cfg.img_size:
         return model
     if image_size % model.cfg.patch_size:
-        raise ExportError(f"--image-size {image_size} is not a multiple of the patch size {model.cfg.patch_size}")
+        raise ExportError(
+            f"--image-size {image_size} is not a multiple of the patch size {model.cfg.patch_size}"
+        )
     if model.cfg.use_rel_pos_bias:
         raise ExportError("models with relative position bias export only at their trained size")
     cfg = type(model.cfg).from_dict({**model.cfg.to_dict(), "img_size": image_size})
@@ -99,27 +101,19 @@ class Preprocess:
             "std": self.std,
             "interpolation": self.interpolation,
             "color": "rgb",
-            "resize_rule": "resize the whole image to size x size (no crop), then scale to [0,1], then (x-mean)/std",
+            "resize_rule": "resize the whole image to size x size (no crop), then scale to [0,1], "
+            "then (x-mean)/std",
         }
 
 
 def preprocess_for(path: Path, model: CAE, image_size: int) -> Preprocess:
-    """Normalization the encoder was trained with: our metadata, else the run config, else ImageNet."""
-    from training import data as D
+    """Normalization the encoder was trained with (``training.preprocess.Preprocessing.from_metadata``: our
+    metadata, else the run config, else ImageNet), for ``image_size`` inputs. ``model``: as loaded, at
+    its trained size."""
+    from training.preprocess import Preprocessing
 
-    meta = read_metadata(path)
-    if "preprocess" in meta:
-        p = json.loads(meta["preprocess"])
-        return Preprocess(image_size, list(p["mean"]), list(p["std"]), p.get("interpolation", "bicubic"),
-                          p.get("class_names"))  # fmt: skip
-    if "run_config" in meta:
-        data = json.loads(meta["run_config"]).get("data", {})
-        ds = str(data.get("dataset", ""))
-        mean, std = D.normalization_for(ds, data.get("mean"), data.get("std"))
-        names = list(D.FMNIST_CLASSES) if ds.startswith("fashion-mnist") else None
-        return Preprocess(image_size, list(mean), list(std), class_names=names)
-    mean, std = D.normalization_for("")
-    return Preprocess(image_size, list(mean), list(std))
+    p = Preprocessing.from_metadata(read_metadata(path), model.cfg.img_size)
+    return Preprocess(image_size, list(p.mean), list(p.std), p.interpolation, p.class_names)
 
 
 def real_images(pre: Preprocess, n: int = 8) -> np.ndarray | None:
@@ -149,7 +143,9 @@ def _random_mask(b: int, n: int, nm: int, rng: np.random.Generator) -> np.ndarra
     return mask
 
 
-def check_parity(task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def check_parity(
+    task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, np.ndarray]]
+) -> dict[str, Any]:
     """Max abs diff and min per-row cosine of an fp32 graph against PyTorch on each input set."""
     sess = ort_session(onnx_path)
     worst_abs, worst_cos = 0.0, 1.0
@@ -176,7 +172,9 @@ def check_parity(task: str, onnx_path: Path, model: CAE, inputs: list[dict[str, 
     return report
 
 
-def make_variant(kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def make_variant(
+    kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[dict[str, np.ndarray]]
+) -> dict[str, Any]:
     """fp16 (weights and compute, IO kept fp32) or int8 (ONNX Runtime dynamic quantization) of a graph,
     with its cosine to the fp32 graph on pooled embeddings."""
     import onnx
@@ -201,7 +199,10 @@ def make_variant(kind: str, src: Path, dst: Path, ref_path: Path, feeds: list[di
         if "mask" in feed:  # reconstruct: what the route returns, per masked patch
             worst = min(worst, min_row_cosine(a[0], b[0]))
         else:  # embed: every readout /embed serves, the worst of them
-            worst = min(worst, *(min_row_cosine(x, y) for x, y in zip(pooled_readouts(a), pooled_readouts(b), strict=True)))
+            worst = min(
+                worst,
+                *(min_row_cosine(x, y) for x, y in zip(pooled_readouts(a), pooled_readouts(b), strict=True)),
+            )
     report = {"min_cosine_pooled": worst, "bound_min_cosine": bound}
     if worst < bound:
         raise ExportError(f"{dst.name} misses its bound: cosine {worst:.6f} < {bound}")
@@ -233,10 +234,12 @@ def export_bundle(
         raise ExportError(f"unknown tasks {unknown}; available: {list(TASKS)}")
     model = load_model(checkpoint)
     size = image_size or model.cfg.img_size
+    pre = preprocess_for(checkpoint, model, size)
     model = resize_model(model, size)
     if "reconstruct" in tasks and model.cfg.encoder_only:
-        raise ExportError("reconstruct needs a pretraining checkpoint (this one is encoder-only); use --tasks embed")
-    pre = preprocess_for(checkpoint, model, size)
+        raise ExportError(
+            "reconstruct needs a pretraining checkpoint (this one is encoder-only); use --tasks embed"
+        )
     default_pooling = read_metadata(checkpoint).get("readout") or "cls"  # the readout the model card measured
     parse_readout(default_pooling, model.cfg.depth)
     out = Path(out_dir)
@@ -257,30 +260,54 @@ def export_bundle(
             export_graph(EmbedGraph(model), (x_exp,), path, ["images"], ["tokens", "block_readouts"], opset)
             feeds = [{"images": x} for x in fresh]
             io = {
-                "inputs": [{"name": "images", "dtype": "float32", "shape": ["batch", c.in_chans, size, size]}],
+                "inputs": [
+                    {"name": "images", "dtype": "float32", "shape": ["batch", c.in_chans, size, size]}
+                ],
                 "outputs": [
-                    {"name": "tokens", "dtype": "float32", "shape": ["batch", 1 + c.num_patches, c.embed_dim]},
-                    {"name": "block_readouts", "dtype": "float32", "shape": ["batch", c.depth, 2, c.embed_dim]},
+                    {
+                        "name": "tokens",
+                        "dtype": "float32",
+                        "shape": ["batch", 1 + c.num_patches, c.embed_dim],
+                    },
+                    {
+                        "name": "block_readouts",
+                        "dtype": "float32",
+                        "shape": ["batch", c.depth, 2, c.embed_dim],
+                    },
                 ],
                 "poolings": ["cls", "mean", "cls+mean", *(f"last{n}" for n in range(1, c.depth + 1)), "none"],
                 "default_pooling": default_pooling,
             }
         else:
             mask_exp = torch.from_numpy(_random_mask(2, c.num_patches, nm, rng))
-            export_graph(ReconstructGraph(model), (x_exp, mask_exp), path, ["images", "mask"], ["pred"], opset)
+            export_graph(
+                ReconstructGraph(model), (x_exp, mask_exp), path, ["images", "mask"], ["pred"], opset
+            )
             # parity also at another mask count than the one traced: the count is dynamic
-            feeds = [{"images": x, "mask": _random_mask(len(x), c.num_patches, k, rng)}
-                     for x, k in zip(fresh, (nm, max(1, nm // 2)), strict=False)]  # fmt: skip
+            feeds = [
+                {"images": x, "mask": _random_mask(len(x), c.num_patches, k, rng)}
+                for x, k in zip(fresh, (nm, max(1, nm // 2)), strict=False)
+            ]
             io = {
                 "inputs": [
                     {"name": "images", "dtype": "float32", "shape": ["batch", c.in_chans, size, size]},
                     {"name": "mask", "dtype": "bool", "shape": ["batch", c.num_patches]},
                 ],
-                "outputs": [{"name": "pred", "dtype": "float32", "shape": ["batch", "num_masked", c.pred_dim]}],
+                "outputs": [
+                    {"name": "pred", "dtype": "float32", "shape": ["batch", "num_masked", c.pred_dim]}
+                ],
             }
         parity = check_parity(task, path, model, feeds)
-        _logger.info("%s: max abs diff %.2e, min cosine %.7f", path.name, parity["max_abs_diff"], parity["min_cosine"])
-        entry: dict[str, Any] = {"file": path.name, **io, "precision": "fp32", "parity": parity, "variants": {}}
+        _logger.info(
+            "%s: max abs diff %.2e, min cosine %.7f", path.name, parity["max_abs_diff"], parity["min_cosine"]
+        )
+        entry: dict[str, Any] = {
+            "file": path.name,
+            **io,
+            "precision": "fp32",
+            "parity": parity,
+            "variants": {},
+        }
         for kind, wanted in (("fp16", fp16), ("int8", int8)):
             if wanted:
                 vpath = out / f"{task}.{kind}.onnx"
@@ -302,7 +329,9 @@ def export_bundle(
         if name == "segment":
             spec_tasks[name] = export_segment(Path(head), out, opset, rng, root)
         else:
-            spec_tasks[name] = export_detect(Path(head), out, opset, rng, root, detect_score_threshold, detect_nms_iou)
+            spec_tasks[name] = export_detect(
+                Path(head), out, opset, rng, root, detect_score_threshold, detect_nms_iou
+            )
 
     spec: dict[str, Any] = {
         "format": FORMAT,
@@ -315,11 +344,20 @@ def export_bundle(
             "source_sha256": sha256_file(checkpoint),
             "config": {k: v for k, v in c.to_dict().items() if k != "extra"},
         },
-        "image": {**pre.to_dict(), "patch_size": c.patch_size, "grid": list(c.grid_size),
-                  "num_patches": c.num_patches, "channels": c.in_chans},  # fmt: skip
+        "image": {
+            **pre.to_dict(),
+            "patch_size": c.patch_size,
+            "grid": list(c.grid_size),
+            "num_patches": c.num_patches,
+            "channels": c.in_chans,
+        },  # fmt: skip
         "embed_dim": c.embed_dim,
-        "target": {"type": c.target, "pred_dim": c.pred_dim, "norm_pix_loss": c.norm_pix_loss,
-                   "default_mask_ratio": default_ratio},  # fmt: skip
+        "target": {
+            "type": c.target,
+            "pred_dim": c.pred_dim,
+            "norm_pix_loss": c.norm_pix_loss,
+            "default_mask_ratio": default_ratio,
+        },  # fmt: skip
         "class_names": pre.class_names,
         "tasks": spec_tasks,
         "opset": opset,
@@ -331,4 +369,3 @@ def export_bundle(
     tmp.replace(out / "spec.json")
     _logger.info("wrote bundle %s (%s) in %.1fs", out, ", ".join(spec_tasks), time.perf_counter() - t0)
     return spec
-

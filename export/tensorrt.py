@@ -1,4 +1,5 @@
-"""``python -m export tensorrt BUNDLE``: TensorRT engines from a bundle's ONNX graphs, checked against ONNX Runtime.
+"""``python -m export tensorrt BUNDLE``: TensorRT engines from a bundle's ONNX graphs, checked against ONNX
+Runtime.
 
 Engines are built with the TensorRT Python API: one optimization profile over the batch axis
 (min/opt/max), a persistent timing cache (``timing.cache`` in the bundle, reused across builds), FP16
@@ -34,7 +35,9 @@ def _require() -> Any:
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise TensorRTError("TensorRT is not installed: pip install -e '.[trt]' on a machine with a CUDA GPU") from e
+        raise TensorRTError(
+            "TensorRT is not installed: pip install -e '.[trt]' on a machine with a CUDA GPU"
+        ) from e
     import torch
 
     if not torch.cuda.is_available():
@@ -42,18 +45,24 @@ def _require() -> Any:
     return trt
 
 
-def _calibration_batches(calib_dir: Path, spec: dict[str, Any], batch: int, limit: int = 512) -> list[np.ndarray]:
+def _calibration_batches(
+    calib_dir: Path, spec: dict[str, Any], batch: int, limit: int = 512
+) -> list[np.ndarray]:
     from PIL import Image
 
     img = spec["image"]
     mean, std = np.array(img["mean"], np.float32), np.array(img["std"], np.float32)
-    paths = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))[:limit]
+    paths = sorted(p for p in calib_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))[
+        :limit
+    ]
     if not paths:
         raise TensorRTError(f"--calib-dir {calib_dir}: no images")
     arrs = []
     for p in paths:
         with Image.open(p) as im:
-            x = np.asarray(im.convert("RGB").resize((img["size"], img["size"]), Image.Resampling.BICUBIC), np.float32)
+            x = np.asarray(
+                im.convert("RGB").resize((img["size"], img["size"]), Image.Resampling.BICUBIC), np.float32
+            )
         arrs.append(((x / 255.0 - mean) / std).transpose(2, 0, 1))
     data = np.stack(arrs).astype(np.float32)
     return [data[i : i + batch] for i in range(0, len(data) - batch + 1, batch)]
@@ -183,7 +192,9 @@ class EngineRunner:
         out = {}
         for name, buf in alloc.buffers.items():
             shape = alloc.shapes[name]
-            dtype = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}[self.engine.get_tensor_dtype(name)]
+            dtype = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}[
+                self.engine.get_tensor_dtype(name)
+            ]
             n = int(np.prod(shape))
             out[name] = buf.view(dtype)[:n].reshape(shape).float().cpu().numpy()
         return out
@@ -208,7 +219,9 @@ def export_tensorrt(
     if int8 and not calib_dir:
         raise TensorRTError("--int8 needs --calib-dir with real images for calibration")
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise TensorRTError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {min_batch}, {opt_batch}, {max_batch}")
+        raise TensorRTError(
+            f"need 1 <= min-batch <= opt-batch <= max-batch, got {min_batch}, {opt_batch}, {max_batch}"
+        )
     spec = json.loads(spec_path.read_text())
     gpu = gpu_slug(torch.cuda.get_device_name(0))
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
@@ -257,7 +270,9 @@ def export_tensorrt(
             "parity": {"min_cosine_vs_onnxruntime": worst, "bound_min_cosine": bound},
         }]  # fmt: skip
         _logger.info("%s: cosine to ONNX Runtime %.6f", name, worst)
-    spec["files"] = {p.name: sha256_file(p) for p in sorted(bundle.iterdir()) if p.suffix in (".onnx", ".plan")}
+    spec["files"] = {
+        p.name: sha256_file(p) for p in sorted(bundle.iterdir()) if p.suffix in (".onnx", ".plan")
+    }
     validate_spec(spec)
     tmp = bundle / "spec.json.tmp"
     tmp.write_text(json.dumps(spec, indent=2))

@@ -18,7 +18,13 @@ from typing import Any
 
 _logger = logging.getLogger("export")
 
-_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bool": "TYPE_BOOL", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8"}
+_DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "bool": "TYPE_BOOL",
+    "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
+}
 
 
 class TritonError(RuntimeError):
@@ -44,7 +50,9 @@ def _tensor_block(kind: str, tensors: list[dict[str, Any]], has_batch: bool = Tr
     items = []
     for t in tensors:
         dims = ", ".join(str(d) for d in _dims(t["shape"], has_batch))
-        items.append(f'  {{\n    name: "{t["name"]}"\n    data_type: {_DTYPES[t["dtype"]]}\n    dims: [ {dims} ]\n  }}')
+        items.append(
+            f'  {{\n    name: "{t["name"]}"\n    data_type: {_DTYPES[t["dtype"]]}\n    dims: [ {dims} ]\n  }}'
+        )
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
@@ -123,7 +131,9 @@ def export_triton(
             if not src.exists():
                 raise TritonError(f"{src}: listed in spec.json but missing")
             kind = "KIND_GPU" if platform == "tensorrt_plan" else instance_kind
-            text = model_config(name, task, entry, platform, max_batch_size, kind, instances, max_queue_delay_us)
+            text = model_config(
+                name, task, entry, platform, max_batch_size, kind, instances, max_queue_delay_us
+            )
             validate_config(text)
             model_dir = repo / name
             (model_dir / "1").mkdir(parents=True, exist_ok=True)

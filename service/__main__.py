@@ -1,4 +1,6 @@
-"""``python -m service [--model-dir DIR] [--host H] [--port P] [--backend B] [--precision P]``.
+"""The command line: flags into settings, then uvicorn (one process or several workers) serving the app.
+
+    python -m service [--model-dir DIR] [--host H] [--port P] [--backend B] [--precision P]
 
 Flags override ``CAE_*`` environment variables, which override the defaults in ``service/settings.py``.
 """
@@ -29,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=get_args(BackendName), help="inference runtime (default: auto)")
     p.add_argument("--precision", choices=get_args(PrecisionName), help="precision (default: auto)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--workers", type=int, help="server processes sharing the port (default: CAE_WORKERS or 1)")
+    p.add_argument(
+        "--workers", type=int, help="server processes sharing the port (default: CAE_WORKERS or 1)"
+    )
     return p.parse_args(argv)
 
 

@@ -104,7 +104,9 @@ def _tar_part(shard: Path, root: Path) -> Part:
 
 
 # ------------------------------------------------------------------------------------ pipeline stages
-def _row(part: str, total: int, path: str, id_: str, data: bytes, code: str = "", error: str = "") -> dict[str, Any]:
+def _row(
+    part: str, total: int, path: str, id_: str, data: bytes, code: str = "", error: str = ""
+) -> dict[str, Any]:
     return {"part": part, "total": total, "path": path, "id": id_, "data": data, "code": code, "error": error}
 
 
@@ -296,7 +298,9 @@ def run(
         raise SystemExit(f"{bundle}: the bundle has no embed graph")
     pooling = pooling or b.default_pooling  # as /embed without ?pooling=
     if pooling not in b.poolings or pooling == "none":
-        raise SystemExit(f"--pooling {pooling}: this bundle offers {', '.join(p for p in b.poolings if p != 'none')}")
+        raise SystemExit(
+            f"--pooling {pooling}: this bundle offers {', '.join(p for p in b.poolings if p != 'none')}"
+        )
     settings = Settings()  # the service's limits, CAE_MAX_PIXELS / CAE_MIN_SIDE included
     limits = Limits(settings.max_pixels, settings.min_side)
 
@@ -347,9 +351,14 @@ def run(
                 summary["rows"] += n
                 summary["errors"] += e
                 _logger.info(
-                    "%s: %d embedded, %d errors (%d/%d parts, %.1f img/s)", name, n, e, summary["written_parts"],
-                    len(todo), (summary["rows"] + summary["errors"]) / (time.perf_counter() - t0),
-                )  # fmt: skip
+                    "%s: %d embedded, %d errors (%d/%d parts, %.1f img/s)",
+                    name,
+                    n,
+                    e,
+                    summary["written_parts"],
+                    len(todo),
+                    (summary["rows"] + summary["errors"]) / (time.perf_counter() - t0),
+                )
     if pending:  # cannot happen unless a stage dropped rows: say so rather than write a partial part
         _logger.error("incomplete parts (not written, a rerun retries them): %s", sorted(pending))
     summary["incomplete_parts"] = sorted(pending)
@@ -371,8 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per actor")
     p.add_argument("--threads", type=int, default=1, help="CPUs (intra-op threads) per actor")
-    p.add_argument("--pooling", default=None,
-                   help="cls | mean | cls+mean | lastN, as /embed?pooling= (default: the bundle's default_pooling)")
+    p.add_argument(
+        "--pooling",
+        default=None,
+        help="cls | mean | cls+mean | lastN, as /embed?pooling= (default: the bundle's default_pooling)",
+    )
     p.add_argument("--normalize", action="store_true", help="L2-normalize, as /embed?normalize=true")
     p.add_argument("--log-level", default="info")
     return p

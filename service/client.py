@@ -271,7 +271,9 @@ class CAEClient:
         r = self._request(
             "POST",
             "/embed",
-            params=self._params(pooling=pooling, normalize=normalize or None, dtype=None if dtype == "float32" else dtype),
+            params=self._params(
+                pooling=pooling, normalize=normalize or None, dtype=None if dtype == "float32" else dtype
+            ),
             **self._merge_accept(self._body(self._many(images)), NPY),
         )
         return np.load(io.BytesIO(r.content), allow_pickle=False)

@@ -214,7 +214,9 @@ class Runtime:
         if not self.per_image_outputs(task):
             return functools.partial(backend.infer, task)
         names = [t["name"] for t in self.bundle.spec["tasks"][task]["outputs"]]
-        batch_axis = all(t["shape"] and t["shape"][0] == "batch" for t in self.bundle.spec["tasks"][task]["outputs"])
+        batch_axis = all(
+            t["shape"] and t["shape"][0] == "batch" for t in self.bundle.spec["tasks"][task]["outputs"]
+        )
 
         def run(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
             outs = backend.infer_outputs(task, inputs)

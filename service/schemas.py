@@ -129,7 +129,8 @@ class SegmentResult(BaseModel):
     height: int
     label_map: str | None = Field(
         None,
-        description="format=png: base64 PNG whose pixel values are class ids (8-bit; 16-bit past 256 classes).",
+        description="format=png: base64 PNG whose pixel values are class ids "
+        "(8-bit; 16-bit past 256 classes).",
     )
     labels: list[list[int]] | None = Field(None, description="format=json: class ids, [height][width].")
     class_pixels: list[ClassPixels] = Field(description="Every class, in id order.")
@@ -208,7 +209,9 @@ class ModelCard(BaseModel):
     image: dict[str, Any]
     embed_dim: int
     poolings: list[str] = Field(default_factory=list, description="/embed?pooling= values this model offers.")
-    default_pooling: str = Field("cls", description="What /embed returns without ?pooling= (the measured readout).")
+    default_pooling: str = Field(
+        "cls", description="What /embed returns without ?pooling= (the measured readout)."
+    )
     target: dict[str, Any]
     limits: dict[str, Any]
     spec: dict[str, Any]

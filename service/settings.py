@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="Intra-op threads of the runtime (0 = the runtime's default).")
     task_backends: str | None = Field(
         None,
-        description="Pin the runtime of each task, e.g. embed=openvino:bf16,detect=onnxruntime:fp32 (taken as "
+        description="Pin the runtime of each task, e.g. embed=openvino:bf16,detect=onnxruntime:fp32 "
+        "(taken as "
         "given, no timing); workers > 1 pass their parent's selection to every process this way.",
     )
     cache_dir: Path | None = Field(None, description="Where GPU runtimes may cache built engines.")
@@ -90,7 +91,9 @@ class Settings(BaseSettings):
         description="Server processes sharing the port (SO_REUSEPORT), each with its own batchers and "
         "cpus/workers runtime and decode threads (docs/serving.md, Many cores).",
     )
-    reuse_port: bool = Field(False, description="Bind with SO_REUSEPORT (set for the processes of workers > 1).")
+    reuse_port: bool = Field(
+        False, description="Bind with SO_REUSEPORT (set for the processes of workers > 1)."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     demo: bool = Field(True, description="Serve the demo page at / (it calls the public routes only).")
     access_log: bool = Field(

@@ -41,9 +41,20 @@ def render(url: str, ready_js: str, size: tuple[int, int] = (1280, 1400), timeou
     ``ready_js`` is truthy (polling, at most ``timeout`` seconds), then read the DOM and a screenshot."""
     ws_client = pytest.importorskip("websockets.sync.client")
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               f"--user-data-dir={profile}", f"--host-resolver-rules={OFFLINE}", "--no-first-run",
-               "--hide-scrollbars", "--remote-debugging-port=0", "--remote-allow-origins=*", "about:blank"]  # fmt: skip
+        cmd = [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            f"--host-resolver-rules={OFFLINE}",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--remote-debugging-port=0",
+            "--remote-allow-origins=*",
+            "about:blank",
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # fmt: skip
         try:

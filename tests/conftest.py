@@ -12,7 +12,10 @@ from tests.helpers import OFFICIAL_A, TinyBundle, build_dense_bundle, get_tiny_b
 @pytest.fixture(scope="session")
 def official_fixture_dir() -> Path:
     if not (OFFICIAL_A / "official_pretrain_ckpt.pth").exists():
-        pytest.fail(f"official fixture missing under {OFFICIAL_A} (it ships in tests/fixtures; CAE_FIXTURES_DIR overrides)")
+        pytest.fail(
+            f"official fixture missing under {OFFICIAL_A} "
+            "(it ships in tests/fixtures; CAE_FIXTURES_DIR overrides)"
+        )
     return OFFICIAL_A
 
 

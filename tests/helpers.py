@@ -393,8 +393,8 @@ for backend in ("onnxruntime", "auto"):
             r = c.post(route, content=png, headers={"content-type": "image/png"})
             assert r.status_code == 200, (route, r.status_code, r.text[:500])
         used.append(c.get("/v1/models").json()["data"][0]["backend"]["name"])
-print(json.dumps({"attempts": attempts, "torch": "torch" in sys.modules, "training": "training" in sys.modules,
-                  "used": used}))
+print(json.dumps({"attempts": attempts, "torch": "torch" in sys.modules,
+                  "training": "training" in sys.modules, "used": used}))
 """
 
 
@@ -428,7 +428,9 @@ def tiny_overrides(**kw):
     return base
 
 
-def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 16, size: int = 20, seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, n_classes: int = 3, per_class: int = 16, size: int = 20, seed: int = 0
+) -> Path:
     """A small separable ImageFolder: class c = stripes at orientation c, random colours and phase."""
     import numpy as np
     from PIL import Image
@@ -506,8 +508,9 @@ def make_fake_fmnist(root: Path, n_train: int = 12, n_test: int = 8, seed: int =
 # A pretraining run small enough for a 2-core CPU (overrides of the fmnist_cae preset).
 TINY = [
     "model.name=cae_tiny_patch16_224",
-    "model.overrides={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, decoder_embed_dim: 32,"
-    " decoder_num_heads: 2, regressor_depth: 1, decoder_depth: 1, target: pixel, drop_path_rate: 0.0}",
+    "model.overrides={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2,"
+    " decoder_embed_dim: 32, decoder_num_heads: 2, regressor_depth: 1, decoder_depth: 1, target: pixel,"
+    " drop_path_rate: 0.0}",
     "data.num_workers=0",
     "data.mask_ratio=0.5",
     "data.min_mask_patches_per_block=2",

@@ -28,7 +28,8 @@ def _png(arr: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """200 PNGs in class folders, a WebDataset shard of 16 samples, a corrupt PNG, a text file, a hidden file."""
+    """200 PNGs in class folders, a WebDataset shard of 16 samples, a corrupt PNG, a text file, a hidden
+    file."""
     path = FMNIST / "t10k-images-idx3-ubyte.gz"
     if not path.exists():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
@@ -87,7 +88,8 @@ def local_ray():
 
 
 def _service_embeddings(paths: list[Path]) -> tuple[np.ndarray, str]:
-    """The service's /embed (defaults: the bundle's default pooling, not normalized) on ONNX Runtime fp32, via TestClient."""
+    """The service's /embed (defaults: the bundle's default pooling, not normalized) on ONNX Runtime fp32,
+    via TestClient."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app

@@ -77,8 +77,19 @@ def test_official_checkpoint_any_size(tmp_path, variant):
     # heads are invisible in shapes: custom builders with different encoder/decoder heads must say so
     heads = {} if model.cfg.num_heads == model.cfg.decoder_num_heads else {"num_heads": model.cfg.num_heads}
     loaded = load_model(path, **heads)
-    for field in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                  "regressor_depth", "decoder_depth", "decoder_num_heads", "vocab_size", "has_projection"):
+    for field in (
+        "img_size",
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "decoder_embed_dim",
+        "regressor_depth",
+        "decoder_depth",
+        "decoder_num_heads",
+        "vocab_size",
+        "has_projection",
+    ):
         assert getattr(loaded.cfg, field) == getattr(model.cfg, field), field
     assert_same_outputs(model, loaded)
     # and through the converter
@@ -90,8 +101,9 @@ def test_official_checkpoint_any_size(tmp_path, variant):
 def test_official_name_fixes_heads(tmp_path):
     """A released base-like checkpoint: the name decides heads (12), whatever args.decoder_num_heads says
     (the official model ignores that flag)."""
-    model = perturbed(CAEConfig(**tiny_overrides(embed_dim=96, num_heads=12, decoder_embed_dim=96,
-                                                  decoder_num_heads=12)))
+    model = perturbed(
+        CAEConfig(**tiny_overrides(embed_dim=96, num_heads=12, decoder_embed_dim=96, decoder_num_heads=12))
+    )
     path = tmp_path / "base.pth"
     official_ckpt(model, path, model_name="cae_base_patch16_224_8k_vocab")
     ck = torch.load(path, weights_only=False)
@@ -104,7 +116,7 @@ def test_official_name_fixes_heads(tmp_path):
 
 def test_encoder_only_and_finetuned(tmp_path):
     model = perturbed(CAEConfig(**tiny_overrides()))
-    enc = {k[len("encoder."):]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    enc = {k[len("encoder.") :]: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
     torch.save({"model": enc}, tmp_path / "enc.pth")
     loaded = load_model(tmp_path / "enc.pth", num_heads=4)
     assert loaded.cfg.encoder_only
@@ -118,15 +130,22 @@ def test_encoder_only_and_finetuned(tmp_path):
     fl = load_model(tmp_path / "ft.pth", num_heads=4)
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(fl.forward_pooled(images, "mean"), model.forward_pooled(images, "mean"), atol=1e-6)
+        assert torch.allclose(
+            fl.forward_pooled(images, "mean"), model.forward_pooled(images, "mean"), atol=1e-6
+        )
         # a non-zero relative bias must change the features
         fl.encoder.blocks[0].attn.relative_position_bias_table.normal_()
         assert not torch.allclose(fl.forward_features(images), model.forward_features(images), atol=1e-4)
 
 
 MMPRE_BLOCK = {"norm1.": "ln1.", "norm2.": "ln2.", "mlp.fc1.": "ffn.layers.0.0.", "mlp.fc2.": "ffn.layers.1."}
-MMPRE_REG = {"norm1_q.": "norm1_q_cross.", "norm1_k.": "norm1_k_cross.", "norm1_v.": "norm1_v_cross.",
-             "mlp_cross.fc1.": "ffn.layers.0.0.", "mlp_cross.fc2.": "ffn.layers.1."}
+MMPRE_REG = {
+    "norm1_q.": "norm1_q_cross.",
+    "norm1_k.": "norm1_k_cross.",
+    "norm1_v.": "norm1_v_cross.",
+    "mlp_cross.fc1.": "ffn.layers.0.0.",
+    "mlp_cross.fc2.": "ffn.layers.1.",
+}
 
 
 def _rename(s: str, table: dict[str, str]) -> str:
@@ -142,24 +161,24 @@ def to_mmpretrain(model: CAE) -> dict[str, torch.Tensor]:
         if k == "rd_pos_embed":
             continue
         if k.startswith("encoder."):
-            r = k[len("encoder."):]
+            r = k[len("encoder.") :]
             r = r.replace("patch_embed.proj.", "patch_embed.projection.")
             if r.startswith("blocks."):
-                r = "layers." + _rename(r[len("blocks."):], MMPRE_BLOCK)
+                r = "layers." + _rename(r[len("blocks.") :], MMPRE_BLOCK)
             if r.startswith("norm."):
-                r = "ln1." + r[len("norm."):]
+                r = "ln1." + r[len("norm.") :]
             out["backbone." + r] = v
             out["teacher." + r] = v
         elif k.startswith("regresser.regressor_blocks."):
-            out["neck.regressors." + _rename(k[len("regresser.regressor_blocks."):], MMPRE_REG)] = v
+            out["neck.regressors." + _rename(k[len("regresser.regressor_blocks.") :], MMPRE_REG)] = v
         elif k.startswith("regresser.norm."):
-            out["neck.norm_regressor." + k[len("regresser.norm."):]] = v
+            out["neck.norm_regressor." + k[len("regresser.norm.") :]] = v
         elif k.startswith("decoder.decoder_blocks."):
-            out["neck.decoders." + _rename(k[len("decoder.decoder_blocks."):], MMPRE_BLOCK)] = v
+            out["neck.decoders." + _rename(k[len("decoder.decoder_blocks.") :], MMPRE_BLOCK)] = v
         elif k.startswith("decoder.norm."):
-            out["neck.norm_decoder." + k[len("decoder.norm."):]] = v
+            out["neck.norm_decoder." + k[len("decoder.norm.") :]] = v
         elif k.startswith("decoder.head."):
-            out["neck." + k[len("decoder."):]] = v
+            out["neck." + k[len("decoder.") :]] = v
         elif k == "mask_token":
             out["neck.mask_token"] = v
         else:
@@ -170,8 +189,9 @@ def to_mmpretrain(model: CAE) -> dict[str, torch.Tensor]:
 
 def test_mmpretrain_checkpoint(tmp_path):
     # mmpretrain ships CAE-base widths (arch 'b': 768, 12 heads); heads come from the width table
-    model = perturbed(CAEConfig(**tiny_overrides(embed_dim=768, num_heads=12, decoder_embed_dim=768,
-                                                  decoder_num_heads=12)))
+    model = perturbed(
+        CAEConfig(**tiny_overrides(embed_dim=768, num_heads=12, decoder_embed_dim=768, decoder_num_heads=12))
+    )
     import numpy as np
 
     meta = {"epoch": 300, "seed": np.int64(0), "hist": np.zeros(3)}
@@ -222,12 +242,22 @@ def test_convert_cli(tmp_path):
     official_ckpt(model, src)
     dst = tmp_path / "out.safetensors"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "export", "convert", str(src), str(dst), "--json"],
-                       capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "export", "convert", str(src), str(dst), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert_same_outputs(model, load_model(dst))
-    r = subprocess.run([sys.executable, "-m", "export", "convert", str(tmp_path / "nope.pth"), str(dst)],
-                       capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "export", "convert", str(tmp_path / "nope.pth"), str(dst)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "no such file" in r.stderr
 
 

@@ -26,8 +26,18 @@ from training.evaluation import finetune_param_groups
 from training.models import create_model, save_model
 from training.models.layers import resample_abs_pos_embed as interpolate_pos_embed
 
-TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2,
-            regressor_depth=1, decoder_depth=1, target="pixel")  # fmt: skip
+TINY = dict(
+    img_size=16,
+    patch_size=4,
+    embed_dim=32,
+    depth=4,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_num_heads=2,
+    regressor_depth=1,
+    decoder_depth=1,
+    target="pixel",
+)
 
 
 def tiny_cae():
@@ -51,7 +61,9 @@ def scenes(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------ model parts
-@pytest.mark.parametrize("depth,expected", [(12, [3, 5, 7, 11]), (24, [7, 11, 15, 23]), (6, [1, 2, 3, 5]), (4, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    "depth,expected", [(12, [3, 5, 7, 11]), (24, [7, 11, 15, 23]), (6, [1, 2, 3, 5]), (4, [0, 1, 2, 3])]
+)
 def test_pyramid_indices(depth, expected):
     assert pyramid_indices(depth) == expected
 
@@ -73,7 +85,12 @@ def test_pyramid_shapes(size):
     pyr = CAEPyramid(tiny_cae().encoder, size)
     feats = pyr(torch.randn(2, 3, size, size))
     g = size // 4
-    assert [tuple(f.shape) for f in feats] == [(2, 32, 4 * g, 4 * g), (2, 32, 2 * g, 2 * g), (2, 32, g, g), (2, 32, g // 2, g // 2)]
+    assert [tuple(f.shape) for f in feats] == [
+        (2, 32, 4 * g, 4 * g),
+        (2, 32, 2 * g, 2 * g),
+        (2, 32, g, g),
+        (2, 32, g // 2, g // 2),
+    ]
     assert pyr.strides == [1, 2, 4, 8]
     with pytest.raises(ValueError, match="expected images"):
         pyr(torch.randn(1, 3, size + 4, size + 4))
@@ -106,12 +123,16 @@ def test_mask_rcnn_train_and_eval_outputs():
     masks[0, 4:20, 6:18] = 1
     target = [{"boxes": torch.tensor([[6.0, 4.0, 18.0, 20.0]]), "labels": torch.tensor([2]), "masks": masks}]
     losses = det([torch.randn(3, 32, 32)], target)
-    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} <= set(
+        losses
+    )
     det.eval()
     with torch.no_grad():
         out = det([torch.randn(3, 32, 32)])[0]
     n = len(out["boxes"])
-    assert out["boxes"].shape == (n, 4) and out["masks"].shape == (n, 1, 32, 32) and out["labels"].shape == (n,)
+    assert (
+        out["boxes"].shape == (n, 4) and out["masks"].shape == (n, 1, 32, 32) and out["labels"].shape == (n,)
+    )
 
 
 def test_layer_decay_groups():
@@ -147,11 +168,25 @@ def test_dense_config_errors(task, preset, extra, match):
 # ------------------------------------------------------------------ train -> export -> serve
 def _cfg(task: str, scenes: Path, ckpt: Path, *extra: str):
     preset = {"segment": "fmnist_scenes_upernet", "detect": "fmnist_scenes_maskrcnn"}[task]
-    return load_dense_config(task, preset, [
-        f"data.root={scenes}", f"model.checkpoint={ckpt}", "model.img_size=32", "model.channels=16",
-        "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=0.5", "runtime.precision=fp32",
-        "runtime.device=cpu", "runtime.log_every=1", "runtime.eval_every_epochs=1", "runtime.vis_every_epochs=2", *extra,
-    ])  # fmt: skip
+    return load_dense_config(
+        task,
+        preset,
+        [
+            f"data.root={scenes}",
+            f"model.checkpoint={ckpt}",
+            "model.img_size=32",
+            "model.channels=16",
+            "optim.batch_size=4",
+            "optim.epochs=2",
+            "optim.warmup_epochs=0.5",
+            "runtime.precision=fp32",
+            "runtime.device=cpu",
+            "runtime.log_every=1",
+            "runtime.eval_every_epochs=1",
+            "runtime.vis_every_epochs=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +201,22 @@ def test_training_writes_metrics_model_and_pngs(trained):
     for task in ("segment", "detect"):
         run = trained[task].parent
         res = json.loads((run / "results.json").read_text())
-        keys = {"mIoU", "pixel_acc", "mean_acc"} if task == "segment" else {"bbox_mAP", "segm_mAP", "bbox_mAP_50"}
+        keys = (
+            {"mIoU", "pixel_acc", "mean_acc"}
+            if task == "segment"
+            else {"bbox_mAP", "segm_mAP", "bbox_mAP_50"}
+        )
         assert keys <= set(res)
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in recs if r["kind"] == "eval"] == [0, 1]
-        assert (run / "loss_curve.png").stat().st_size > 0 and (run / "predictions-0001.png").stat().st_size > 0
+        assert (run / "loss_curve.png").stat().st_size > 0 and (
+            run / "predictions-0001.png"
+        ).stat().st_size > 0
         assert json.loads((run / "config.json").read_text())["task"] == task
         model, cfg, pre, classes = load_dense_model(trained[task])
-        assert cfg.task == task and classes[0] == "background" and len(classes) == 11 and pre["img_size"] == 32
+        assert (
+            cfg.task == task and classes[0] == "background" and len(classes) == 11 and pre["img_size"] == 32
+        )
 
 
 def test_segmentation_loss_goes_down(trained):
@@ -183,7 +226,10 @@ def test_segmentation_loss_goes_down(trained):
 
 
 def test_time_box_shortens_the_schedule_and_resume_continues(tmp_path, scenes, tiny_ckpt):
-    res = train_dense(_cfg("segment", scenes, tiny_ckpt, "optim.epochs=50", "runtime.time_limit_min=0.0001"), tmp_path / "box")
+    res = train_dense(
+        _cfg("segment", scenes, tiny_ckpt, "optim.epochs=50", "runtime.time_limit_min=0.0001"),
+        tmp_path / "box",
+    )
     assert res["epochs"] == 1
     recs = [json.loads(x) for x in (tmp_path / "box" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "schedule" and r["epochs"] == 1 for r in recs)
@@ -218,8 +264,14 @@ def test_export_with_heads_parity_and_serving(trained, tiny_ckpt, scenes, tmp_pa
     from export.onnx_export import export_bundle
 
     out = tmp_path / "bundle"
-    spec = export_bundle(tiny_ckpt, out, tasks=("embed",), segment=trained["segment"], detect=trained["detect"],
-                         scenes_root=scenes)  # fmt: skip
+    spec = export_bundle(
+        tiny_ckpt,
+        out,
+        tasks=("embed",),
+        segment=trained["segment"],
+        detect=trained["detect"],
+        scenes_root=scenes,
+    )
     seg, det = spec["tasks"]["segment"], spec["tasks"]["detect"]
     assert seg["parity"]["max_abs_diff"] <= 1e-3 and seg["parity"]["real_inputs"]
     assert seg["outputs"][0]["shape"] == ["batch", 11, 32, 32] and seg["image"]["size"] == 32

@@ -24,7 +24,9 @@ from training.dense.datasets import CocoInstances, SegmentationFolder, collate_d
 from training.dense.metrics import SegmentationMeter, coco_evaluate, masks_to_rle
 
 # pycocotools' Cython decode trips a NumPy 2 deprecation about __array__(copy=...); not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 SCENE_ARGS = dict(n_train=6, n_test=4, size=48, min_objects=2, max_objects=4, seed=3)
 
@@ -52,11 +54,16 @@ def test_generator_is_deterministic_and_cli_matches(scenes, fake_fmnist, tmp_pat
     first, second = file_tree(out), file_tree(again)
     assert sorted(first) == sorted(second) and len(first) == 2 * (6 + 4) + 2 + 1
     assert all(first[k] == second[k] for k in first), "same arguments must give byte-identical files"
-    assert {k: v for k, v in summary2.items() if k != "out_dir"} == {k: v for k, v in summary.items() if k != "out_dir"}
+    assert {k: v for k, v in summary2.items() if k != "out_dir"} == {
+        k: v for k, v in summary.items() if k != "out_dir"
+    }
 
     other = tmp_path / "other_seed"
     S.generate_scenes(other, fmnist_root=fake_fmnist, **{**SCENE_ARGS, "seed": 4})
-    assert file_tree(other)["ade/annotations/training/scene_train_000000.png"] != first["ade/annotations/training/scene_train_000000.png"]
+    assert (
+        file_tree(other)["ade/annotations/training/scene_train_000000.png"]
+        != first["ade/annotations/training/scene_train_000000.png"]
+    )
 
     with pytest.raises(FileExistsError, match="overwrite"):
         S.generate_scenes(again, fmnist_root=fake_fmnist, **SCENE_ARGS)
@@ -71,7 +78,10 @@ def test_layout_summary_and_split_separation(scenes):
     assert on_disk["classes"] == list(FMNIST_CLASSES) and on_disk["segmentation_classes"][0] == "background"
     assert on_disk["args"]["size"] == 48 and on_disk["args"]["seed"] == 3
 
-    for split, folder, classes, n in (("train", "training", TRAIN_CLASSES, 6), ("test", "validation", TEST_CLASSES, 4)):
+    for split, folder, classes, n in (
+        ("train", "training", TRAIN_CLASSES, 6),
+        ("test", "validation", TEST_CLASSES, 4),
+    ):
         s = summary["splits"][split]
         assert s["images"] == n and (out / s["image_dir"]).is_dir() and (out / s["coco"]).is_file()
         assert sum(s["class_histogram"]) == s["objects"] >= 2 * n
@@ -140,14 +150,20 @@ def test_segmentation_folder_reads_the_scenes(scenes):
     img, label = val[0]
     assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (48, 48)
     assert label.dtype == np.uint8 and label.shape == (48, 48)
-    assert np.array_equal(label, load_png(out / "ade" / "annotations" / "validation" / "scene_test_000000.png"))
-    seen = SegmentationFolder(out / "ade", "training", transforms=lambda i, m: (np.asarray(i).shape, int(m.max())))[0]
+    assert np.array_equal(
+        label, load_png(out / "ade" / "annotations" / "validation" / "scene_test_000000.png")
+    )
+    seen = SegmentationFolder(
+        out / "ade", "training", transforms=lambda i, m: (np.asarray(i).shape, int(m.max()))
+    )[0]
     assert seen[0] == (48, 48, 3) and 1 <= seen[1] <= 5
 
 
 def test_coco_instances_reads_the_scenes(scenes):
     out, _ = scenes
-    ds = CocoInstances(out / "ade" / "images" / "validation", out / "coco" / "annotations" / "instances_val.json")
+    ds = CocoInstances(
+        out / "ade" / "images" / "validation", out / "coco" / "annotations" / "instances_val.json"
+    )
     assert len(ds) == 4 and ds.cat_ids == list(range(1, 11)) and ds.classes == ["background", *FMNIST_CLASSES]
     label_map = load_png(out / "ade" / "annotations" / "validation" / "scene_test_000000.png")
     img, t = ds[0]
@@ -155,7 +171,11 @@ def test_coco_instances_reads_the_scenes(scenes):
     n = len(t["labels"])
     assert 2 <= n <= 4
     assert t["boxes"].dtype == torch.float32 and t["boxes"].shape == (n, 4)
-    assert t["labels"].dtype == torch.int64 and t["masks"].dtype == torch.uint8 and t["masks"].shape == (n, 48, 48)
+    assert (
+        t["labels"].dtype == torch.int64
+        and t["masks"].dtype == torch.uint8
+        and t["masks"].shape == (n, 48, 48)
+    )
     assert t["area"].dtype == torch.float32 and t["iscrowd"].tolist() == [0] * n
     for box, lab, m, area in zip(t["boxes"], t["labels"], t["masks"].numpy(), t["area"], strict=True):
         ys, xs = np.nonzero(m)
@@ -286,7 +306,9 @@ def test_segmentation_meter_hand_computed():
     m4 = SegmentationMeter(4)
     m4.update(torch.from_numpy(np.stack([pred, pred])), torch.from_numpy(np.stack([target, target])))
     r4 = m4.compute()
-    assert r4["per_class_iou"] == [33.33, 66.67, 0.0, None] and r4["mIoU"] == 33.33 and r4["pixel_acc"] == 60.0
+    assert (
+        r4["per_class_iou"] == [33.33, 66.67, 0.0, None] and r4["mIoU"] == 33.33 and r4["pixel_acc"] == 60.0
+    )
     m4.reset()
     assert m4.compute()["mIoU"] == 0.0 and m4.compute()["per_class_iou"] == [None] * 4
 
@@ -308,8 +330,16 @@ def test_coco_evaluate_perfect_and_empty(scenes):
         for a in gt["annotations"]
     ]  # fmt: skip
     r = coco_evaluate(ann_file, perfect)
-    assert r == {k: 100.0 for k in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "segm_mAP_75")}
-    assert perfect[0].keys() == {"image_id", "category_id", "bbox", "score", "segmentation"}  # inputs untouched
+    assert r == {
+        k: 100.0 for k in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50", "segm_mAP_75")
+    }
+    assert perfect[0].keys() == {
+        "image_id",
+        "category_id",
+        "bbox",
+        "score",
+        "segmentation",
+    }  # inputs untouched
 
     boxes_only = [{k: v for k, v in d.items() if k != "segmentation"} for d in perfect]
     coco = COCO(str(ann_file))
@@ -320,7 +350,11 @@ def test_coco_evaluate_perfect_and_empty(scenes):
 
     empty = coco_evaluate(coco, [])
     assert empty == {k: 0.0 for k in r}
-    assert coco_evaluate(coco, [], iou_types=("bbox",)) == {"bbox_mAP": 0.0, "bbox_mAP_50": 0.0, "bbox_mAP_75": 0.0}
+    assert coco_evaluate(coco, [], iou_types=("bbox",)) == {
+        "bbox_mAP": 0.0,
+        "bbox_mAP_50": 0.0,
+        "bbox_mAP_75": 0.0,
+    }
     with pytest.raises(ValueError, match="image ids"):
         coco_evaluate(coco, [{**perfect[0], "image_id": 999}])
     with pytest.raises(ValueError, match="compressed RLE"):

@@ -348,8 +348,12 @@ def test_triton_repository_matches_its_graphs_and_the_client(tmp_path: Path) -> 
     from export.triton import export_triton
 
     bundle = REPO / "models" / "default"
-    np_types = {"tensor(float)": "TYPE_FP32", "tensor(bool)": "TYPE_BOOL", "tensor(float16)": "TYPE_FP16",
-                "tensor(int64)": "TYPE_INT64"}
+    np_types = {
+        "tensor(float)": "TYPE_FP32",
+        "tensor(bool)": "TYPE_BOOL",
+        "tensor(float16)": "TYPE_FP16",
+        "tensor(int64)": "TYPE_INT64",
+    }
     for model_dir in export_triton(bundle, tmp_path / "repo", instance_kind="KIND_CPU"):
         cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert cfg.name == model_dir.name
@@ -362,9 +366,9 @@ def test_triton_repository_matches_its_graphs_and_the_client(tmp_path: Path) -> 
                 shape = a.shape[1:] if cfg.max_batch_size > 0 else a.shape
                 dims = [d if isinstance(d, int) else -1 for d in shape]
                 # Triton's rule: a fixed graph dim must match; a dynamic one (-1) accepts any config dim
-                assert len(t.dims) == len(dims) and all(g in (-1, c) for c, g in zip(t.dims, dims, strict=True)), (
-                    f"{model_dir.name}/{t.name}: config {list(t.dims)} vs graph {dims}"
-                )
+                assert len(t.dims) == len(dims) and all(
+                    g in (-1, c) for c, g in zip(t.dims, dims, strict=True)
+                ), f"{model_dir.name}/{t.name}: config {list(t.dims)} vs graph {dims}"
 
     import importlib.util
 

@@ -39,9 +39,19 @@ N_TRAIN, N_VAL, CLASSES = 30, 15, ("blue", "green", "red")
 def tiny_cae(seed: int = 0) -> CAE:
     torch.manual_seed(seed)
     cfg = CAEConfig(
-        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32, regressor_depth=1,
-        decoder_depth=1, decoder_num_heads=2, vocab_size=16, target="pixel", drop_path_rate=0.0,
-    )  # fmt: skip
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        regressor_depth=1,
+        decoder_depth=1,
+        decoder_num_heads=2,
+        vocab_size=16,
+        target="pixel",
+        drop_path_rate=0.0,
+    )
     return CAE(cfg).eval()
 
 
@@ -84,7 +94,11 @@ def _eval(assets: dict[str, Path], protocol: str, **kw: object) -> dict:
 def test_protocol_results(assets: dict[str, Path], protocol: str) -> None:
     r = _eval(assets, protocol)
     frozen_vectors = protocol in ("knn", "linear")
-    extra = {"feature"} | ({"baseline_pixels"} if frozen_vectors else set()) | ({"budget_2x"} if protocol == "linear" else set())
+    extra = (
+        {"feature"}
+        | ({"baseline_pixels"} if frozen_vectors else set())
+        | ({"budget_2x"} if protocol == "linear" else set())
+    )
     assert set(r) == RESULT_KEYS | extra
     if frozen_vectors:  # the raw-pixel baseline by the same code, on the same split
         assert r["feature"] == "cls" and r["baseline_pixels"]["feature_dim"] == 3 * 16 * 16
@@ -150,12 +164,17 @@ def test_preprocess_from_metadata(assets: dict[str, Path]) -> None:
     assert E.resolve_backbone(str(p1)).preprocess["mean"] == [0.1, 0.2, 0.3]
     assert E.resolve_backbone(str(p2)).preprocess["mean"] == list(FMNIST_MEAN)
     b = E.resolve_backbone(str(assets["ckpt"]))
-    assert b.preprocess["source"] == "imagenet-default" and b.identity.startswith("weights:")  # ours: weights digest
+    assert b.preprocess["source"] == "imagenet-default" and b.identity.startswith(
+        "weights:"
+    )  # ours: weights digest
     run_dir = root / "run"
     save_model(model, run_dir / "model.safetensors")
     # a run directory resolves to its model.safetensors (safetensors headers are not byte-stable across
     # saves, so compare against that very file rather than another save of the same weights)
-    assert E.resolve_backbone(str(run_dir)).identity == E.resolve_backbone(str(run_dir / "model.safetensors")).identity
+    assert (
+        E.resolve_backbone(str(run_dir)).identity
+        == E.resolve_backbone(str(run_dir / "model.safetensors")).identity
+    )
 
 
 def test_errors(assets: dict[str, Path]) -> None:
@@ -266,7 +285,12 @@ def test_cli_json(assets: dict[str, Path]) -> None:
 @pytest.mark.parametrize(("feature", "dim"), [("mean", 32), ("cls+mean", 64), ("last2", 128), ("last1", 64)])
 def test_pooled_patch_features(assets: dict[str, Path], feature: str, dim: int) -> None:
     r = _eval(assets, "knn", overrides=[*FAST["knn"], f"feature={feature}"])
-    assert r["params"]["feature"] == feature and r["feature"] == feature and r["feature_dim"] == dim and r["top1"] > 60
+    assert (
+        r["params"]["feature"] == feature
+        and r["feature"] == feature
+        and r["feature_dim"] == dim
+        and r["top1"] > 60
+    )
     lin = _eval(assets, "linear", overrides=[*FAST["linear"], f"feature={feature}"])
     assert lin["feature_dim"] == dim and 0 <= lin["top1"] <= 100
     with pytest.raises(E.EvalError, match="readout of this 2-block encoder"):
@@ -276,7 +300,8 @@ def test_pooled_patch_features(assets: dict[str, Path], feature: str, dim: int) 
 
 
 def test_default_feature_is_the_checkpoint_readout(assets: dict[str, Path]) -> None:
-    """The readout a checkpoint declares (what its bundle's /embed serves by default) is what eval measures."""
+    """The readout a checkpoint declares (what its bundle's /embed serves by default) is what eval
+    measures."""
     path = save_model(tiny_cae(), assets["root"] / "readout.safetensors", metadata={"readout": "cls+mean"})
     r = _eval(assets, "knn", checkpoint=path)
     assert r["feature"] == "cls+mean" and r["feature_dim"] == 64
@@ -284,10 +309,15 @@ def test_default_feature_is_the_checkpoint_readout(assets: dict[str, Path]) -> N
 
 
 def test_readouts_match_the_model(assets: dict[str, Path]) -> None:
-    """extract_features' readouts are CAE.forward_readout's, and lastN ends with cls+mean of the last block."""
+    """extract_features' readouts are CAE.forward_readout's, and lastN ends with cls+mean of the last
+    block."""
     model = tiny_cae()
-    ds = TransformedDataset(ImageFolderDataset(assets["data"] / "val"), EvalTransform(16, IMAGENET_MEAN, (0.2, 0.2, 0.2)))
-    feats = E.extract_features(model, torch.utils.data.Subset(ds, range(6)), readouts=["mean", "cls+mean", "last2"])
+    ds = TransformedDataset(
+        ImageFolderDataset(assets["data"] / "val"), EvalTransform(16, IMAGENET_MEAN, (0.2, 0.2, 0.2))
+    )
+    feats = E.extract_features(
+        model, torch.utils.data.Subset(ds, range(6)), readouts=["mean", "cls+mean", "last2"]
+    )
     x = torch.stack([ds[i][0] for i in range(6)])
     with torch.no_grad():
         for r in ("mean", "cls+mean", "last2"):

@@ -46,7 +46,9 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
     on_disk = json.loads((out / "spec.json").read_text())
     assert on_disk == spec
     validate_spec(on_disk)
-    assert set(spec["files"]) == {f"{t}{v}.onnx" for t in ("embed", "reconstruct") for v in ("", ".fp16", ".int8")}
+    assert set(spec["files"]) == {
+        f"{t}{v}.onnx" for t in ("embed", "reconstruct") for v in ("", ".fp16", ".int8")
+    }
     import hashlib
 
     for name, digest in spec["files"].items():
@@ -54,7 +56,14 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
     e = spec["tasks"]["embed"]
     assert e["inputs"][0] == {"name": "images", "dtype": "float32", "shape": ["batch", 3, 32, 32]}
     assert e["outputs"][0]["shape"] == ["batch", 17, 64] and e["outputs"][1]["shape"] == ["batch", 2, 2, 64]
-    assert e["default_pooling"] == "cls" and e["poolings"] == ["cls", "mean", "cls+mean", "last1", "last2", "none"]
+    assert e["default_pooling"] == "cls" and e["poolings"] == [
+        "cls",
+        "mean",
+        "cls+mean",
+        "last1",
+        "last2",
+        "none",
+    ]
     assert e["parity"]["max_abs_diff"] <= 1e-4 and e["parity"]["min_cosine"] >= 0.99999
     assert e["variants"]["fp16"]["parity"]["min_cosine_pooled"] >= 0.999
     assert e["variants"]["int8"]["parity"]["min_cosine_pooled"] >= 0.99
@@ -70,7 +79,9 @@ def test_dynamic_batch_and_mask_count(tiny_bundle, batch):
     assert tokens.shape == (batch, 17, 64) and blocks.shape == (batch, 2, 2, 64)
     np.testing.assert_allclose(tokens, ref, atol=1e-4)
     with torch.no_grad():  # every readout is a slice of the outputs
-        np.testing.assert_allclose(blocks, model.forward_block_readouts(torch.from_numpy(x)).numpy(), atol=1e-4)
+        np.testing.assert_allclose(
+            blocks, model.forward_block_readouts(torch.from_numpy(x)).numpy(), atol=1e-4
+        )
         np.testing.assert_allclose(blocks[:, -1, 0], ref[:, 0], atol=1e-4)
         last2 = model.forward_readout(torch.from_numpy(x), "last2").numpy()
     np.testing.assert_allclose(blocks.reshape(batch, -1), last2, atol=1e-4)
@@ -88,7 +99,11 @@ def test_export_at_another_image_size(tmp_path):
     model = perturbed(CAEConfig(**tiny_overrides()))
     ckpt = save_model(model, tmp_path / "m.safetensors")
     spec = export_bundle(ckpt, tmp_path / "b", tasks=("embed",), image_size=48)
-    assert spec["image"]["grid"] == [6, 6] and spec["tasks"]["embed"]["outputs"][0]["shape"] == ["batch", 37, 64]
+    assert spec["image"]["grid"] == [6, 6] and spec["tasks"]["embed"]["outputs"][0]["shape"] == [
+        "batch",
+        37,
+        64,
+    ]
     with pytest.raises(ExportError, match="multiple of the patch size"):
         export_bundle(ckpt, tmp_path / "c", tasks=("embed",), image_size=50)
 
@@ -102,8 +117,13 @@ def test_schema_rejects_broken_spec(tiny_bundle):
 
 def test_cli_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "export", "onnx", str(tmp_path / "missing.pth"), str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "export", "onnx", str(tmp_path / "missing.pth"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
@@ -118,7 +138,9 @@ def test_triton_repository(tiny_bundle, tmp_path):
     assert "dims: [ 3, 32, 32 ]" in embed and "dims: [ 17, 64 ]" in embed and "dynamic_batching" in embed
     rec = (tmp_path / "repo" / "cae_reconstruct" / "config.pbtxt").read_text()
     assert "TYPE_BOOL" in rec and "dims: [ -1, 192 ]" in rec and "dynamic_batching" not in rec
-    assert (tmp_path / "repo" / "cae_embed" / "1" / "model.onnx").read_bytes() == (out / "embed.onnx").read_bytes()
+    assert (tmp_path / "repo" / "cae_embed" / "1" / "model.onnx").read_bytes() == (
+        out / "embed.onnx"
+    ).read_bytes()
     pytest.importorskip("tritonclient.grpc")
     from export.triton import TritonError
 
@@ -170,7 +192,8 @@ def test_default_bundle_is_consistent_and_reexports(tmp_path):
 
 @pytest.mark.parametrize("task", ["segment", "detect"])
 def test_default_bundle_dense_graphs_match_their_heads(task):
-    """segment.onnx / detect.onnx in the default bundle equal the committed head checkpoints they came from."""
+    """segment.onnx / detect.onnx in the default bundle equal the committed head checkpoints they came
+    from."""
     import hashlib
 
     from export.dense_export import DetectGraph

@@ -66,7 +66,9 @@ def test_fixture_model_is_eval_and_config(fixture_model):
 def test_fixture_pos_tables_equal_rebuilt(official_fixture_dir):
     from training.models.layers import build_2d_sincos_position_embedding
 
-    ck = torch.load(official_fixture_dir / "official_pretrain_ckpt.pth", weights_only=False, map_location="cpu")
+    ck = torch.load(
+        official_fixture_dir / "official_pretrain_ckpt.pth", weights_only=False, map_location="cpu"
+    )
     for key in ("encoder.pos_embed", "rd_pos_embed"):
         ours = build_2d_sincos_position_embedding(8, 96)
         assert torch.equal(ours, ck["model"][key]), key

@@ -236,3 +236,27 @@ def test_ablation_variants():
     assert float(l3["loss_align"]) == 0.0
     with pytest.raises(ValueError, match="arch"):
         CAEConfig(arch="beit")
+
+
+def test_encoder_owns_drop_path_and_rel_pos_tables():
+    """What fine-tuning changes is set on the encoder itself: the drop-path ramp, and relative position
+    tables with the same parameter names (and forward) as an encoder built with them."""
+    torch.manual_seed(0)
+    enc = CAE(CAEConfig(**tiny_overrides(depth=3))).encoder
+    enc.set_drop_path(0.2)
+    rates = [getattr(blk.drop_path, "drop_prob", 0.0) for blk in enc.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    assert isinstance(enc.blocks[0].drop_path, torch.nn.Identity)
+    enc.set_drop_path(0.0)
+    assert all(isinstance(blk.drop_path, torch.nn.Identity) for blk in enc.blocks)
+
+    built = CAE(CAEConfig(**tiny_overrides(depth=3, use_rel_pos_bias=True))).encoder
+    assert enc.init_rel_pos_bias() == 3 and enc.init_rel_pos_bias() == 0
+    assert list(enc.state_dict()) == list(built.state_dict())
+    assert all(enc.state_dict()[k].shape == v.shape for k, v in built.state_dict().items())
+    enc.eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = CAE(CAEConfig(**tiny_overrides(depth=3))).encoder.eval()
+    ref.load_state_dict({k: v for k, v in enc.state_dict().items() if "relative_position" not in k})
+    with torch.no_grad():  # zero tables: the same function as without them
+        torch.testing.assert_close(enc(x), ref(x))

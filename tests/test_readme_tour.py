@@ -19,11 +19,19 @@ from PIL import Image
 from tests.helpers import REPO, free_port, make_image_folder
 
 TINY_MODEL = (
-    "model.overrides={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, decoder_embed_dim: 32,"
-    " decoder_num_heads: 2, regressor_depth: 1, decoder_depth: 1, target: pixel, drop_path_rate: 0.0}"
+    "model.overrides={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2,"
+    " decoder_embed_dim: 32, decoder_num_heads: 2, regressor_depth: 1, decoder_depth: 1, target: pixel,"
+    " drop_path_rate: 0.0}"
 )
-TINY_SETS = [TINY_MODEL, "data.num_workers=0", "data.min_mask_patches_per_block=2", "optim.batch_size=16",
-             "runtime.precision=fp32", "runtime.device=cpu", "runtime.tensorboard=false"]  # fmt: skip
+TINY_SETS = [
+    TINY_MODEL,
+    "data.num_workers=0",
+    "data.min_mask_patches_per_block=2",
+    "optim.batch_size=16",
+    "runtime.precision=fp32",
+    "runtime.device=cpu",
+    "runtime.tensorboard=false",
+]
 
 
 def tour_block() -> str:

@@ -46,7 +46,9 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
-def _served_vs_measured(bundle: Path, ckpt: Path, images: list[Image.Image], pooling: str | None) -> np.ndarray:
+def _served_vs_measured(
+    bundle: Path, ckpt: Path, images: list[Image.Image], pooling: str | None
+) -> np.ndarray:
     backbone = E.resolve_backbone(str(ckpt))
     feature = pooling or backbone.readout or "cls"
     pre = backbone.preprocess
@@ -79,14 +81,18 @@ def readout_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 
     model = CAE(CAEConfig(**tiny_overrides(target="pixel", img_size=28, patch_size=4)))
     pre = {"img_size": 28, "mean": list(D.FMNIST_MEAN), "std": list(D.FMNIST_STD), "interpolation": "bicubic"}
-    ckpt = save_model(model, root / "m.safetensors", metadata={"readout": "last2", "preprocess": json.dumps(pre)})
+    ckpt = save_model(
+        model, root / "m.safetensors", metadata={"readout": "last2", "preprocess": json.dumps(pre)}
+    )
     spec = export_bundle(ckpt, root / "bundle", tasks=("embed",))
     assert spec["tasks"]["embed"]["default_pooling"] == "last2"
     return root / "bundle", ckpt
 
 
 @pytest.mark.parametrize("pooling", [None, "cls", "mean", "cls+mean", "last1"])
-def test_embed_pooling_is_the_evaluated_readout(readout_bundle: tuple[Path, Path], pooling: str | None) -> None:
+def test_embed_pooling_is_the_evaluated_readout(
+    readout_bundle: tuple[Path, Path], pooling: str | None
+) -> None:
     bundle, ckpt = readout_bundle
     cos = _served_vs_measured(bundle, ckpt, _real_images(6, 28), pooling)
     assert cos.min() >= 0.999, cos
@@ -95,9 +101,15 @@ def test_embed_pooling_is_the_evaluated_readout(readout_bundle: tuple[Path, Path
 def test_unoffered_pooling_is_422(readout_bundle: tuple[Path, Path]) -> None:
     bundle, _ = readout_bundle
     with serve(bundle) as client:
-        r = client.post("/embed?pooling=last3", content=_png(_real_images(1, 28)[0]), headers={"content-type": "image/png"})
+        r = client.post(
+            "/embed?pooling=last3",
+            content=_png(_real_images(1, 28)[0]),
+            headers={"content-type": "image/png"},
+        )
         assert r.status_code == 422 and "last2" in r.json()["error"]["message"]
-        js = client.post("/embed", content=_png(_real_images(1, 28)[0]), headers={"content-type": "image/png"}).json()
+        js = client.post(
+            "/embed", content=_png(_real_images(1, 28)[0]), headers={"content-type": "image/png"}
+        ).json()
         assert js["pooling"] == "last2" and js["dim"] == 2 * 2 * 64
 
 
@@ -117,7 +129,11 @@ def test_convert_sets_the_readout_and_keeps_our_metadata(tmp_path: Path) -> None
     from training.models.checkpoint import read_metadata
 
     pre = {"img_size": 32, "mean": [0.1] * 3, "std": [0.2] * 3, "interpolation": "bicubic"}
-    src = save_model(CAE(CAEConfig(**tiny_overrides())), tmp_path / "a.safetensors", metadata={"preprocess": json.dumps(pre)})
+    src = save_model(
+        CAE(CAEConfig(**tiny_overrides())),
+        tmp_path / "a.safetensors",
+        metadata={"preprocess": json.dumps(pre)},
+    )
     convert_checkpoint(src, tmp_path / "b.safetensors", readout="last2")
     meta = read_metadata(tmp_path / "b.safetensors")
     assert meta["readout"] == "last2" and json.loads(meta["preprocess"]) == pre

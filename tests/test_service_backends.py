@@ -104,9 +104,13 @@ def test_accuracy_gate_holds_per_task_on_its_own_outputs(tiny_bundle: TinyBundle
     assert "reconstruct: onnxruntime int8: recorded cosine 0.994900 < min_cosine 0.999" in sel.skipped
     assert sel.backend.precision == "int8+fp32" and sel.backend.name == "onnxruntime"
     x = _x(2)
-    np.testing.assert_allclose(sel.backend.infer("embed", {"images": x})[:, 0], _ref(tiny_bundle, x)[:, 0], atol=0.2)
+    np.testing.assert_allclose(
+        sel.backend.infer("embed", {"images": x})[:, 0], _ref(tiny_bundle, x)[:, 0], atol=0.2
+    )
     card = sel.describe()
-    assert card["tasks"]["reconstruct"]["precision"] == "fp32" and card["tasks"]["embed"]["precision"] == "int8"
+    assert (
+        card["tasks"]["reconstruct"]["precision"] == "fp32" and card["tasks"]["embed"]["precision"] == "int8"
+    )
 
 
 class _NoReconstruct(OnnxRuntimeBackend):
@@ -119,10 +123,15 @@ class _NoReconstruct(OnnxRuntimeBackend):
         return ["fp32"]
 
     def load(self, bundle, precision="fp32", tasks=None):  # type: ignore[no-untyped-def]
-        super().load(bundle, precision, [t for t in self.tasks_to_load(bundle, tasks) if t != "reconstruct"]
-                     or ["embed"])
+        super().load(
+            bundle,
+            precision,
+            [t for t in self.tasks_to_load(bundle, tasks) if t != "reconstruct"] or ["embed"],
+        )
         if tasks is None or "reconstruct" in tasks:
-            self.unavailable["reconstruct"] = "picky cannot compile reconstruct.onnx: cannot convert operation Loop-18"
+            self.unavailable["reconstruct"] = (
+                "picky cannot compile reconstruct.onnx: cannot convert operation Loop-18"
+            )
             if tasks is not None and "embed" not in tasks:
                 self._sessions.pop("embed", None)
                 self.capabilities = frozenset(self._sessions)
@@ -143,7 +152,9 @@ def test_a_graph_one_runtime_cannot_compile_removes_it_for_that_task_only(
     sel = select_backend(bundle, "auto", "auto", BackendOptions(device="cpu"), 0.999, timer=timer)
     assert sel.backend.task_backend == {"embed": "picky", "reconstruct": "onnxruntime"}
     assert sel.backend.name == "picky+onnxruntime" and not sel.backend.unavailable
-    assert sel.skipped == ["reconstruct: picky fp32: picky cannot compile reconstruct.onnx: cannot convert operation Loop-18"]
+    assert sel.skipped == [
+        "reconstruct: picky fp32: picky cannot compile reconstruct.onnx: cannot convert operation Loop-18"
+    ]
     mask = np.zeros((2, 16), dtype=bool)
     mask[:, :4] = True
     assert sel.backend.infer("reconstruct", {"images": _x(2), "mask": mask}).shape[:2] == (2, 4)
@@ -163,9 +174,15 @@ def test_skip_reasons_are_one_clean_line() -> None:
         "-- Conversion is failed for: Loop-18\n"
     )
     assert clean_reason(RuntimeError(ov_report)) == "cannot convert operation Loop-18"
-    other = clean_reason(RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:12:\nbad   input\nshape"))
+    other = clean_reason(
+        RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:12:\nbad   input\nshape")
+    )
     assert other == "bad input shape"
-    ort = clean_reason(RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from /srv/b/x/detect.onnx failed"))
+    ort = clean_reason(
+        RuntimeError(
+            "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from /srv/b/x/detect.onnx failed"
+        )
+    )
     assert ort == "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from detect.onnx failed"
     long = clean_reason("x" * 500)
     assert len(long) <= 200 and long.endswith("...")

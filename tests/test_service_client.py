@@ -45,8 +45,13 @@ def cae(server: Server):
 
 
 def _json(server: Server, path: str, data: bytes, **params: Any) -> dict[str, Any]:
-    r = httpx.post(f"{server.url}{path}", params=params, content=data,
-                   headers={**AUTH, "content-type": "image/png", "accept": "application/json"}, timeout=30)  # fmt: skip
+    r = httpx.post(
+        f"{server.url}{path}",
+        params=params,
+        content=data,
+        headers={**AUTH, "content-type": "image/png", "accept": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 

@@ -336,7 +336,10 @@ def test_dense_spec_needs_classes(dense_bundle: Path, tmp_path: Path) -> None:
 def test_serving_dense_heads_never_imports_torch(dense_bundle: Path) -> None:
     out = run_torchless_driver(dense_bundle, ["/embed", "/segment?overlay=true", "/detect?masks=rle"])
     assert out["attempts"] == [] and out["torch"] is False, out
-    assert out["used"][0] == "onnxruntime" and set(out["used"][1].split("+")) <= {"openvino", "onnxruntime"}  # auto: per task
+    assert out["used"][0] == "onnxruntime" and set(out["used"][1].split("+")) <= {
+        "openvino",
+        "onnxruntime",
+    }  # auto: per task
 
 
 # --------------------------------------------------------------------------- fast post-processing
@@ -359,7 +362,9 @@ def test_label_map_equals_the_full_resize(c: int, h: int, w: int, height: int, w
     for seed in range(3):
         for logits in (_smooth_logits(c, h, w, seed), np.random.default_rng(seed).standard_normal((c, h, w))):
             logits = logits.astype(np.float32)
-            assert np.array_equal(label_map(logits, height, width), label_map_reference(logits, height, width))
+            assert np.array_equal(
+                label_map(logits, height, width), label_map_reference(logits, height, width)
+            )
 
 
 def test_mask_window_rle_and_png_equal_the_full_mask() -> None:
@@ -389,13 +394,19 @@ def test_fast_png_and_overlay_match_the_reference() -> None:
     from service.dense import overlay, overlay_reference, png_bytes
 
     rng = np.random.default_rng(1)
-    for arr in (rng.integers(0, 256, (30, 17), dtype=np.uint8), rng.integers(0, 256, (9, 5, 3), dtype=np.uint8),
-                rng.integers(0, 700, (6, 4)).astype(np.uint16)):  # fmt: skip
+    for arr in (
+        rng.integers(0, 256, (30, 17), dtype=np.uint8),
+        rng.integers(0, 256, (9, 5, 3), dtype=np.uint8),
+        rng.integers(0, 700, (6, 4)).astype(np.uint16),
+    ):
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(arr)))), arr)
     img = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
     labels = rng.integers(0, 5, (40, 60)).astype(np.uint8)
     for alpha in (0.3, 0.5, 1.0):
-        got, ref = overlay(img, labels, 5, alpha).astype(int), overlay_reference(img, labels, 5, alpha).astype(int)
+        got, ref = (
+            overlay(img, labels, 5, alpha).astype(int),
+            overlay_reference(img, labels, 5, alpha).astype(int),
+        )
         assert np.abs(got - ref).max() <= (0 if alpha == 1.0 else 1)
         assert np.array_equal(got[labels == 0], np.asarray(img)[labels == 0])
 
@@ -410,6 +421,8 @@ def test_segment_overlay_format_follows_the_input(client) -> None:
     as_jpeg = client.post("/segment?overlay=true", content=buf.getvalue(), headers=jpeg_headers).json()
     res = as_jpeg["results"][0]
     assert res["overlay_format"] == "jpeg" and base64.b64decode(res["overlay"])[:3] == b"\xff\xd8\xff"
-    forced = client.post("/segment?overlay=true&overlay_format=png", content=buf.getvalue(), headers=jpeg_headers)
+    forced = client.post(
+        "/segment?overlay=true&overlay_format=png", content=buf.getvalue(), headers=jpeg_headers
+    )
     assert forced.json()["results"][0]["overlay_format"] == "png"
     assert client.post("/segment?overlay_format=gif", content=png(img), headers=RAW).status_code == 422

@@ -186,4 +186,7 @@ def test_e2e_damaged_bundle_refuses_to_start(tiny_bundle: TinyBundle, tmp_path: 
 def test_serving_onnx_never_imports_torch(tiny_bundle: TinyBundle) -> None:
     out = run_torchless_driver(tiny_bundle.path, ["/embed?pooling=none", "/reconstruct"], timeout=120)
     assert out == {"attempts": [], "torch": False, "training": False, "used": out["used"]}, out
-    assert out["used"][0] == "onnxruntime" and set(out["used"][1].split("+")) <= {"openvino", "onnxruntime"}  # auto: per task
+    assert out["used"][0] == "onnxruntime" and set(out["used"][1].split("+")) <= {
+        "openvino",
+        "onnxruntime",
+    }  # auto: per task

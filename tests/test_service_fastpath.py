@@ -37,7 +37,9 @@ def test_fast_path_answers_as_the_route(tiny_bundle: TinyBundle, solved: list[st
         slow = c.post("/embed?normalize=false", json=body)  # an option: FastAPI validates it
         assert slow.status_code == 200 and solved == ["/embed"]
         assert fast.json() == slow.json()
-        raw = c.post("/embed", content=img, headers={"content-type": "image/png", "accept": "application/x-npy"})
+        raw = c.post(
+            "/embed", content=img, headers={"content-type": "image/png", "accept": "application/x-npy"}
+        )
         assert raw.headers["content-type"] == "application/x-npy" and len(solved) == 1
         npy = np.load(__import__("io").BytesIO(raw.content))
         np.testing.assert_allclose(npy, np.asarray(fast.json()["embeddings"], np.float32), atol=1e-6)
@@ -45,7 +47,12 @@ def test_fast_path_answers_as_the_route(tiny_bundle: TinyBundle, solved: list[st
         bad = c.post("/embed", content=b"{", headers={"content-type": "application/json"})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_json"
         assert c.post("/embed", content=img, headers={"content-type": "text/csv"}).status_code == 415
-        assert c.post("/embed", content=img, headers={"content-type": "image/png", "accept": "text/csv"}).status_code == 406
+        assert (
+            c.post(
+                "/embed", content=img, headers={"content-type": "image/png", "accept": "text/csv"}
+            ).status_code
+            == 406
+        )
         metrics = c.get("/metrics").text
         assert 'cae_http_requests_total{method="POST",route="/embed",status="200"} 3.0' in metrics
         assert 'cae_rejections_total{reason="bad_json"} 1.0' in metrics

@@ -32,7 +32,10 @@ def test_task_backends_round_trip(tiny_bundle: TinyBundle) -> None:
     bundle = load_bundle(tiny_bundle.path)
     sel = select_backend(bundle, "onnxruntime", "fp32")
     text = format_task_backends(sel.backend)
-    assert parse_task_backends(text) == {"embed": ("onnxruntime", "fp32"), "reconstruct": ("onnxruntime", "fp32")}
+    assert parse_task_backends(text) == {
+        "embed": ("onnxruntime", "fp32"),
+        "reconstruct": ("onnxruntime", "fp32"),
+    }
     pinned = select_backend(bundle, pinned=parse_task_backends(text))
     assert pinned.backend.task_backend == {"embed": "onnxruntime", "reconstruct": "onnxruntime"}
     assert pinned.reason == "per task as pinned by task_backends" and not pinned.timings

@@ -30,21 +30,36 @@ def test_presets_exist_and_resolve():
         load_config(n)
 
 
-@pytest.mark.parametrize("name,epochs,warmup", [("cae_base_300e", 300, 10), ("cae_base_800e", 800, 20),
-                                               ("cae_base_1600e", 1600, 40), ("cae_large_1600e", 1600, 40)])
+@pytest.mark.parametrize(
+    "name,epochs,warmup",
+    [
+        ("cae_base_300e", 300, 10),
+        ("cae_base_800e", 800, 20),
+        ("cae_base_1600e", 1600, 40),
+        ("cae_large_1600e", 1600, 40),
+    ],
+)
 def test_official_recipes(name, epochs, warmup):
     c = load_config(name)
     o = c.optim
     assert (o.epochs, o.warmup_epochs, o.batch_size, o.lr, o.min_lr) == (epochs, warmup, 2048, 1.5e-3, 1e-5)
     assert (o.betas, o.weight_decay, o.clip_grad, o.decay_tokens) == ((0.9, 0.999), 0.05, 3.0, True)
-    assert (c.data.mask, c.data.mask_ratio, c.data.min_mask_patches_per_block, c.data.second_size) == ("block", 0.5, 16, 112)
+    assert (c.data.mask, c.data.mask_ratio, c.data.min_mask_patches_per_block, c.data.second_size) == (
+        "block",
+        0.5,
+        16,
+        112,
+    )
     assert c.model.overrides["target"] == "dalle" and c.model.overrides["drop_path_rate"] == 0.1
     assert c.data.scale == (0.08, 1.0)
-    model_cfg = create_model(c.model.name, img_size=32, depth=1, regressor_depth=1, decoder_depth=1,
-                             **c.model.overrides).cfg
+    model_cfg = create_model(
+        c.model.name, img_size=32, depth=1, regressor_depth=1, decoder_depth=1, **c.model.overrides
+    ).cfg
     assert model_cfg.align_loss_weight == 2.0
     assert model_cfg.init_values == (1e-5 if "large" in name else 0.1)
-    assert (model_cfg.embed_dim, model_cfg.decoder_embed_dim) == ((1024, 768) if "large" in name else (768, 768))
+    assert (model_cfg.embed_dim, model_cfg.decoder_embed_dim) == (
+        (1024, 768) if "large" in name else (768, 768)
+    )
 
 
 def test_config_errors():
@@ -61,7 +76,9 @@ def test_config_errors():
 
 
 def test_lr_schedule_matches_official_cosine_scheduler():
-    cfg = load_config("fmnist_cae", ["optim.epochs=5", "optim.warmup_epochs=1", "optim.lr=1e-3", "optim.min_lr=1e-5"])
+    cfg = load_config(
+        "fmnist_cae", ["optim.epochs=5", "optim.warmup_epochs=1", "optim.lr=1e-3", "optim.min_lr=1e-5"]
+    )
     spe = 7
     ours = np.array([lr_at(s, cfg, spe) for s in range(5 * spe)])
     # furnace/utils.cosine_scheduler, written out
@@ -89,8 +106,15 @@ def test_pretrain_samples_are_seeded_by_epoch_and_index(image_folder):
     from training import data as D
 
     src = D.build_source(f"imagefolder:{image_folder}")
-    ds = D.PretrainDataset(src, D.PretrainTransform(D.TransformConfig(img_size=16, scale=(0.3, 1.0))), "block",
-                           (4, 4), 8, min_num_patches=2, seed=3)
+    ds = D.PretrainDataset(
+        src,
+        D.PretrainTransform(D.TransformConfig(img_size=16, scale=(0.3, 1.0))),
+        "block",
+        (4, 4),
+        8,
+        min_num_patches=2,
+        seed=3,
+    )
     a, b = ds[5], ds[5]
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["mask"], b["mask"])
     assert a["images"].shape == (3, 16, 16) and a["mask"].shape == (16,) and int(a["mask"].sum()) == 8
@@ -123,7 +147,9 @@ def test_idx_reader_and_fashion_mnist_errors(tmp_path):
         D.FashionMNIST(tmp_path / "missing")
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").exists(), reason="dataset-fashion-mnist not installed"
+)
 def test_fashion_mnist_package():
     from training import data as D
 
@@ -201,12 +227,40 @@ def test_torchrun_two_processes_match_one(tmp_path, image_folder):
     args = [*TINY, f"data.dataset=imagefolder:{image_folder}", "optim.epochs=2"]
     sets = [x for a in args for x in ("--set", a)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "training/run.py", "pretrain", "--config", "fmnist_cae", *sets,
-                          "--output-dir", str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "training/run.py",
+            "pretrain",
+            "--config",
+            "fmnist_cae",
+            *sets,
+            "--output-dir",
+            str(tmp_path / "one"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = subprocess.run([*torchrun, "training/run.py", "pretrain", "--config", "fmnist_cae", *sets,
-                          "--output-dir", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            *torchrun,
+            "training/run.py",
+            "pretrain",
+            "--config",
+            "fmnist_cae",
+            *sets,
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(a) == sorted(b) and len(a) == 6
@@ -215,8 +269,22 @@ def test_torchrun_two_processes_match_one(tmp_path, image_folder):
 
 
 def test_cli_bad_config_exit_code(tmp_path):
-    r = subprocess.run([sys.executable, "training/run.py", "pretrain", "--config", "fmnist_cae", "--set",
-                        "optim.lr=oops", "--output-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "training/run.py",
+            "pretrain",
+            "--config",
+            "fmnist_cae",
+            "--set",
+            "optim.lr=oops",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "optim.lr" in r.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
 
@@ -259,13 +327,13 @@ def test_checkpoint_pruning_keeps_epoch_ends(tmp_path):
     for n in names:
         (tmp_path / f"checkpoint-{n}.pth").write_bytes(b"x")
     _prune_checkpoints(tmp_path, steps_per_epoch=234, keep_last=2)
-    left = sorted(p.stem[len("checkpoint-"):] for p in tmp_path.glob("checkpoint-*.pth"))
+    left = sorted(p.stem[len("checkpoint-") :] for p in tmp_path.glob("checkpoint-*.pth"))
     assert left == ["0000-000234", "0001-000234", "0002-000200"]
 
 
 def test_non_finite_loss_stops_before_any_save(tmp_path, image_folder, monkeypatch):
-    """Losses are summed on the device (no per-step sync); a NaN at any step must still stop the run at the next
-    log/save point, before a checkpoint with NaN weights is written."""
+    """Losses are summed on the device (no per-step sync); a NaN at any step must still stop the run at the
+    next log/save point, before a checkpoint with NaN weights is written."""
     from training.models.cae import CAE
 
     real = CAE.forward_loss
@@ -296,16 +364,25 @@ def test_zoom_out_shrinks_and_moves_the_object(image_folder):
     img = Image.new("RGB", (20, 20), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 20, 20))
     img.putpixel((0, 0), (0, 0, 0))  # corner colour: the canvas fill
-    cfg = D.TransformConfig(img_size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, mean=(0, 0, 0), std=(1, 1, 1),
-                            zoom_out=(0.5, 0.5), zoom_out_prob=1.0)  # fmt: skip
+    cfg = D.TransformConfig(
+        img_size=16,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        hflip=0.0,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+        zoom_out=(0.5, 0.5),
+        zoom_out_prob=1.0,
+    )
     x = D.PretrainTransform(cfg)(img, np.random.default_rng(0))["images"]
     bright = (x[0] > 0.5).nonzero()
     assert bright.shape[0] == pytest.approx(8 * 8, abs=8)  # half the side -> a quarter of the area
     assert (x[0] < 0.1).float().mean() > 0.7  # the rest is canvas
     plain = D.TransformConfig(img_size=16, mean=(0, 0, 0), std=(1, 1, 1))
     a = D.PretrainTransform(plain)(img, np.random.default_rng(3))["images"]
-    b = D.PretrainTransform(D.TransformConfig(img_size=16, mean=(0, 0, 0), std=(1, 1, 1), zoom_out_prob=0.0,
-                                              jitter=0.0))(img, np.random.default_rng(3))["images"]  # fmt: skip
+    b = D.PretrainTransform(
+        D.TransformConfig(img_size=16, mean=(0, 0, 0), std=(1, 1, 1), zoom_out_prob=0.0, jitter=0.0)
+    )(img, np.random.default_rng(3))["images"]
     assert torch.equal(a, b)
 
 
@@ -342,12 +419,20 @@ def test_contrastive_term_trains_resumes_and_inits_from_a_model(tmp_path, image_
     assert sorted(a) == sorted(b) and all(a[s] == b[s] for s in a)
     # the first step starts from the base weights, not from a fresh init
     fresh = tmp_path / "fresh"
-    pretrain(tiny_cfg(image_folder, *[c for c in common if not c.startswith("model.init_from")], "runtime.max_steps=1"), fresh)
+    pretrain(
+        tiny_cfg(
+            image_folder, *[c for c in common if not c.startswith("model.init_from")], "runtime.max_steps=1"
+        ),
+        fresh,
+    )
     assert train_losses(fresh)[1] != a[1]
     with pytest.raises(ConfigError, match="architecture differs"):
         pretrain(tiny_cfg(image_folder, *common, "model.overrides.depth=3"), tmp_path / "bad")
     with pytest.raises(ConfigError, match="init_from"):
-        pretrain(tiny_cfg(image_folder, *common[:-2], f"model.init_from={tmp_path / 'missing.safetensors'}"), tmp_path / "bad2")
+        pretrain(
+            tiny_cfg(image_folder, *common[:-2], f"model.init_from={tmp_path / 'missing.safetensors'}"),
+            tmp_path / "bad2",
+        )
 
 
 def test_max_steps_eta_counts_only_the_steps_left(tmp_path, image_folder, caplog):

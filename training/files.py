@@ -14,7 +14,7 @@ __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "atomic_write",
-    "file_sha256",
+    "cached_sha256_file",
     "save_npy_atomic",
     "sha256_file",
     "write_json_atomic",
@@ -73,6 +73,7 @@ def save_npy_atomic(path: Path, arr: Any) -> None:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (training's one checksum; the bundle side has ``service.bundle_format``'s)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -83,7 +84,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
-def file_sha256(path: Path) -> str:
+def cached_sha256_file(path: Path) -> str:
     """:func:`sha256_file`, remembered per (path, size, mtime) for the life of the process."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)

@@ -93,8 +93,6 @@ def make_vits(out_dir: Path, seed: int = 0) -> dict[str, Any]:
         return export_bundle(ckpt, out_dir, tasks=("embed",))
 
 
-
-
 def fastest_inprocess(
     bundle_dir: Path, device: str, max_batch: int, png: bytes, seconds: float
 ) -> dict[str, float]:
@@ -106,7 +104,9 @@ def fastest_inprocess(
     from service.imaging import Limits, Preprocessor
 
     bundle = load_bundle(bundle_dir)
-    xb = np.repeat(Preprocessor(bundle.image, Limits(max_pixels=1 << 31, min_side=1))(png)[None], max_batch, 0)
+    xb = np.repeat(
+        Preprocessor(bundle.image, Limits(max_pixels=1 << 31, min_side=1))(png)[None], max_batch, 0
+    )
     rates: dict[str, float] = {}
     for name, precision in AUTO_RANKING:
         try:
@@ -119,6 +119,7 @@ def fastest_inprocess(
         try:
             if "embed" not in be.capabilities or be.task_precision.get("embed") != precision:
                 continue
+
             def call(be: Any = be) -> None:
                 be.infer("embed", {"images": xb})
 

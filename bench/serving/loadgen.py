@@ -275,10 +275,18 @@ def load_test(
                     {k: round(v, 2) for k, v in r.server_stats.items()},
                 )
             _logger.info(
-                "%s c=%d: %.1f req/s, p50 %.2f ms, p99 %.2f ms, %d ok, errors %s; CPU ms/req server %s client %s",
-                label, c, r.rps, r.p50_ms, r.p99_ms, r.requests, r.errors or "none",
-                _fmt(r.server_cpu_ms_per_req), _fmt(r.client_cpu_ms_per_req),
-            )  # fmt: skip
+                "%s c=%d: %.1f req/s, p50 %.2f ms, p99 %.2f ms, %d ok, errors %s; "
+                "CPU ms/req server %s client %s",
+                label,
+                c,
+                r.rps,
+                r.p50_ms,
+                r.p99_ms,
+                r.requests,
+                r.errors or "none",
+                _fmt(r.server_cpu_ms_per_req),
+                _fmt(r.client_cpu_ms_per_req),
+            )
             results.append(r)
         return results
 
@@ -304,5 +312,3 @@ def load_test(
                 signal.signal(s, _on_signal)
 
     return asyncio.run(guarded())
-
-

@@ -98,7 +98,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"{self.name} exited with {self.proc.returncode} before it was ready; log:\n{self.log_tail()}"
+                    f"{self.name} exited with {self.proc.returncode} before it was ready; "
+                    f"log:\n{self.log_tail()}"
                 )
             try:
                 with urllib.request.urlopen(f"http://{HOST}:{self.port}/readyz", timeout=2.0) as r:
@@ -138,5 +139,3 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     env.update(PYTHONUNBUFFERED="1", CAE_SHUTDOWN_TIMEOUT_S="5")
     env.update(extra)
     return env
-
-

@@ -92,13 +92,15 @@ class Report:
             f"{s['embed_backend']} {s['embed_precision']} ({s['device']}), max batch {mb}, max wait "
             f"{s['max_wait_ms']} ms; LitServe and naive on the same runtime and graph",
             "",
-            f"Request: {self.image['source']}, PNG {self.image['bytes']} bytes, sent as {st['payload']}; JSON "
+            f"Request: {self.image['source']}, PNG {self.image['bytes']} bytes, "
+            f"sent as {st['payload']}; JSON "
             f"response (cls). Load generator: {st['load']}, {st['duration']:g} s per level after "
             f"{st['warmup']:g} s warm-up{rounds}; "
             f"{st['cpus']}.",
             "",
             "| clients | server req/s | p50 ms | p99 ms | LitServe req/s | p50 ms | naive req/s | p50 ms "
-            f"| server / in-process b{mb} | server / LitServe | server / naive | errors (server, LitServe, naive) |",
+            f"| server / in-process b{mb} | server / LitServe | server / naive "
+            "| errors (server, LitServe, naive) |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in self.server_levels:
@@ -120,7 +122,9 @@ class Report:
             lines.append("| " + " | ".join(cells) + " |")
 
         def cpu_line(name: str, which: list[LevelResult]) -> str:
-            return f"{name} " + ", ".join(f"c={r.concurrency}: {_fmt(r.server_cpu_ms_per_req)}" for r in which)
+            return f"{name} " + ", ".join(
+                f"c={r.concurrency}: {_fmt(r.server_cpu_ms_per_req)}" for r in which
+            )
 
         cpu = [cpu_line(n, w) for n, w in (("server", self.server_levels), ("LitServe", self.litserve_levels),
                                            ("naive", self.naive_levels)) if w]  # fmt: skip
@@ -164,7 +168,10 @@ class Report:
         lines += ["", "| target | measured | goal | met |", "|---|---:|---:|---|"]
         for key, what, goal, fmt in rows:
             if key in t:
-                lines.append(f"| {what} | {fmt.format(t[key]['value'])} | {goal} | {'yes' if t[key]['met'] else 'NO'} |")
+                lines.append(
+                    f"| {what} | {fmt.format(t[key]['value'])} | {goal} "
+                    f"| {'yes' if t[key]['met'] else 'NO'} |"
+                )
             else:
                 lines.append(f"| {what} | not measured | {goal} | - |")
         return "\n".join(lines) + "\n"

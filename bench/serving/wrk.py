@@ -118,7 +118,9 @@ def run_wrk(
         base = ["wrk", f"-t{min(threads, concurrency)}", f"-c{concurrency}", "-s", str(script),
                 f"--timeout={int(timeout_s)}s"]  # fmt: skip
         if warmup > 0:
-            subprocess.run([*base, f"-d{max(1, round(warmup))}s", url], capture_output=True, timeout=warmup + 60)
+            subprocess.run(
+                [*base, f"-d{max(1, round(warmup))}s", url], capture_output=True, timeout=warmup + 60
+            )
         before = scrape_metrics(port) if metrics else None
         cpu0 = tree_cpu_seconds(server_pid) if server_pid else None
         t0 = time.perf_counter()

@@ -5,8 +5,8 @@ arrays: ``infer(task, {input name: array with a batch axis}) -> first output``, 
 ``infer_outputs(task, inputs) -> {output name: array}`` (every output, in graph order) for graphs with
 several outputs (``detect``: boxes, labels, scores, masks). It knows nothing about HTTP, images or
 batching. A task the bundle has but this backend cannot run is left out of ``capabilities`` and listed
-in ``unavailable`` with the reason (the routes answer 501 with it). Runtimes are imported inside ``load`` only, so merely importing this
-package never pulls in onnxruntime, OpenVINO, TensorRT or torch.
+in ``unavailable`` with the reason (the routes answer 501 with it). Runtimes are imported inside
+``load`` only, so merely importing this package never pulls in onnxruntime, OpenVINO, TensorRT or torch.
 """
 
 from __future__ import annotations
@@ -38,14 +38,16 @@ class BackendOptions:
 
 _SOURCE_REF = re.compile(r"\S*\.(?:cpp|cc|cxx|hpp|h|py):\d+:?")
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.+-]+/)+([\w.+-]+)")  # /any/dir/file.onnx -> file.onnx
-_NOISE = re.compile(r"^(?:Exception from|Check '.*' failed at|FrontEnd API failed|Model wasn't fully converted|"
-                    r"Failed operations detailed log|Summary:?$)")
+_NOISE = re.compile(
+    r"^(?:Exception from|Check '.*' failed at|FrontEnd API failed|Model wasn't fully converted|"
+    r"Failed operations detailed log|Summary:?$)"
+)
 
 
 def clean_reason(err: BaseException | str, limit: int = 200) -> str:
     """A runtime's exception as one short line that names the problem: no C++/Python source locations, no
-    directories (a file keeps its name), no multi-line dumps (the full text goes to the debug log). OpenVINO's conversion reports become
-    "cannot convert operation Loop-18"."""
+    directories (a file keeps its name), no multi-line dumps (the full text goes to the debug log).
+    OpenVINO's conversion reports become "cannot convert operation Loop-18"."""
     text = str(err)
     failed = re.search(r"Conversion is failed for:\s*(.+)", text)
     if failed:

@@ -77,7 +77,9 @@ class OpenVinoBackend(Backend):
                 raise BackendUnavailable(f"the bundle has no graph for {task}")
             try:
                 compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
-            except Exception as e:  # multi-line reports with C++ source paths: one clean line, full text logged
+            except (
+                Exception
+            ) as e:  # multi-line reports with C++ source paths: one clean line, full text logged
                 _logger.debug("openvino cannot compile %s", path.name, exc_info=True)
                 self.unavailable[task] = f"openvino cannot compile {path.name}: {clean_reason(e)}"
                 continue

@@ -214,7 +214,9 @@ def output_cosine(task: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarr
         if not a.size:
             continue
         if task == "embed" and i == 0 and a.ndim == 3:
-            worst = min(worst, min_row_cosine(a[:, 0], b[:, 0]), min_row_cosine(a[:, 1:].mean(1), b[:, 1:].mean(1)))
+            worst = min(
+                worst, min_row_cosine(a[:, 0], b[:, 0]), min_row_cosine(a[:, 1:].mean(1), b[:, 1:].mean(1))
+            )
             a, b = a[:, 1:], b[:, 1:]
         if task == "detect" or a.ndim == 1:  # detect runs one image per call: its outputs are one row
             a, b = a[None], b[None]
@@ -373,7 +375,8 @@ def format_task_backends(backend: Backend) -> str:
     """The inverse of ``parse_task_backends`` for a loaded (per-task) backend."""
     names = getattr(backend, "task_backend", None) or dict.fromkeys(backend.capabilities, backend.name)
     return ",".join(
-        f"{t}={names[t]}:{backend.task_precision.get(t, backend.precision)}" for t in sorted(backend.capabilities)
+        f"{t}={names[t]}:{backend.task_precision.get(t, backend.precision)}"
+        for t in sorted(backend.capabilities)
     )
 
 
@@ -451,7 +454,9 @@ def select_backend(
         choice, task_skipped = _choose_task(task, candidates_for(task), loader, max_timed, timer)
         skipped += [f"{task}: {s}" for s in task_skipped]
         if choice is None:
-            unavailable[task] = "no runtime can serve it here: " + ("; ".join(task_skipped) or "no candidates")
+            unavailable[task] = "no runtime can serve it here: " + (
+                "; ".join(task_skipped) or "no candidates"
+            )
             continue
         choices[task] = choice
     skipped = [f"{name}: {why}" for name, why in loader.absent.items()] + skipped

@@ -78,7 +78,9 @@ class TorchBackend(Backend):
             if t not in self.capabilities
         }
         self._output_names = {t: bundle.spec["tasks"][t]["outputs"][0]["name"] for t in self.capabilities}
-        self._embed_outputs = [o["name"] for o in bundle.spec["tasks"].get("embed", {}).get("outputs", [])][:2]
+        self._embed_outputs = [o["name"] for o in bundle.spec["tasks"].get("embed", {}).get("outputs", [])][
+            :2
+        ]
         self.precision = precision
         self.task_precision = dict.fromkeys(self.capabilities, precision)
 

@@ -80,8 +80,9 @@ async def embed(
         str | None,
         Query(
             pattern=POOLING_PATTERN,
-            description="cls token, mean of the patch tokens, cls+mean (both concatenated), lastN (DINOv2-style: "
-            "cls and patch mean of each of the last N blocks, e.g. last4), or none (every patch token, row-major, "
+            description="cls token, mean of the patch tokens, cls+mean (both concatenated), lastN "
+            "(DINOv2-style: cls and patch mean of each of the last N blocks, e.g. last4), or none "
+            "(every patch token, row-major, "
             "with the patch grid). Default: the bundle's default_pooling (GET /v1/models), the readout its "
             "model card measured.",
         ),

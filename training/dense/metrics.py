@@ -1,4 +1,5 @@
-"""Metrics for the dense tasks: semantic-segmentation mIoU (mmsegmentation's definitions) and COCO box/mask mAP.
+"""Metrics for the dense tasks: semantic-segmentation mIoU (mmsegmentation's definitions) and COCO
+box/mask mAP.
 
 ``SegmentationMeter`` accumulates a confusion matrix (one ``np.bincount`` per update), so it is cheap to
 feed every validation batch. ``coco_evaluate`` wraps pycocotools' ``COCOeval`` with its console output
@@ -42,7 +43,9 @@ class SegmentationMeter:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)  # rows: ground truth, cols: prediction
+        self.confusion = np.zeros(
+            (num_classes, num_classes), dtype=np.int64
+        )  # rows: ground truth, cols: prediction
 
     def reset(self) -> None:
         self.confusion[:] = 0
@@ -57,7 +60,8 @@ class SegmentationMeter:
         keep = t != self.ignore_index
         p, t = p[keep].astype(np.int64), t[keep].astype(np.int64)
         k = self.num_classes
-        # Out-of-range labels are bugs (wrong num_classes, unmapped ids): fail instead of silently dropping them.
+        # Out-of-range labels are bugs (wrong num_classes, unmapped ids): fail instead of silently dropping
+        # them.
         if t.size and (t.min() < 0 or t.max() >= k):
             raise ValueError(f"target labels outside 0..{k - 1} (and != ignore_index {self.ignore_index})")
         if p.size and (p.min() < 0 or p.max() >= k):
@@ -109,8 +113,12 @@ def load_coco(ann_file: str | Path) -> Any:
         dataset = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), list) for k in ("images", "annotations", "categories")):
-        raise DataError(f"{path}: not a COCO instances file (needs 'images', 'annotations' and 'categories' lists)")
+    if not isinstance(dataset, dict) or not all(
+        isinstance(dataset.get(k), list) for k in ("images", "annotations", "categories")
+    ):
+        raise DataError(
+            f"{path}: not a COCO instances file (needs 'images', 'annotations' and 'categories' lists)"
+        )
     coco = COCO()
     coco.dataset = dataset
     try:
@@ -135,13 +143,18 @@ def _normalize(det: dict[str, Any]) -> dict[str, Any]:
     if det.get("segmentation") is not None:
         seg = det["segmentation"]
         if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
-            raise ValueError(f"detection segmentations must be compressed RLEs (see masks_to_rle), got {type(seg).__name__}")
+            raise ValueError(
+                "detection segmentations must be compressed RLEs (see masks_to_rle), "
+                f"got {type(seg).__name__}"
+            )
         out["segmentation"] = copy.deepcopy(seg)
     return out
 
 
 def coco_evaluate(
-    coco_gt: Any, detections: Iterable[dict[str, Any]], iou_types: Sequence[str] = ("bbox", "segm"),
+    coco_gt: Any,
+    detections: Iterable[dict[str, Any]],
+    iou_types: Sequence[str] = ("bbox", "segm"),
     img_ids: Iterable[int] | None = None,
 ) -> dict[str, float]:
     """COCO mAP of ``detections`` against ``coco_gt`` (a pycocotools ``COCO`` or a path to its JSON).
@@ -175,7 +188,12 @@ def coco_evaluate(
             if dets and not subset:
                 continue
         if len(subset) < len(dets):
-            _logger.warning("%d of %d detections lack a %s and are not scored for it", len(dets) - len(subset), len(dets), iou_type)
+            _logger.warning(
+                "%d of %d detections lack a %s and are not scored for it",
+                len(dets) - len(subset),
+                len(dets),
+                iou_type,
+            )
         if not subset:
             results.update({f"{iou_type}_{n}": 0.0 for n in _STAT_NAMES})
             continue
@@ -187,5 +205,10 @@ def coco_evaluate(
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        results.update({f"{iou_type}_{n}": round(max(float(s), 0.0) * 100.0, 2) for n, s in zip(_STAT_NAMES, ev.stats[:3], strict=True)})
+        results.update(
+            {
+                f"{iou_type}_{n}": round(max(float(s), 0.0) * 100.0, 2)
+                for n, s in zip(_STAT_NAMES, ev.stats[:3], strict=True)
+            }
+        )
     return results

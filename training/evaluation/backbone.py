@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files import file_sha256
+from ..files import cached_sha256_file
 from ..models import CAE, CAEConfig, CheckpointError, create_model, list_models, load_model
 from ..models.checkpoint import read_metadata
 from ..preprocess import Preprocessing, PreprocessingError
@@ -54,7 +54,7 @@ def _weights_identity(path: Path, meta: dict[str, str]) -> str:
     the model config only (so that changing the metadata, e.g. the default readout, reuses the cached
     features), else the file's sha256."""
     if "config" not in meta:
-        return "sha256:" + file_sha256(path)
+        return "sha256:" + cached_sha256_file(path)
     st = path.stat()
     key = (f"weights:{path.resolve()}", st.st_size, st.st_mtime_ns)
     if key not in _WEIGHTS_MEMO:

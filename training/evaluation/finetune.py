@@ -1,7 +1,8 @@
 """The fine-tuning protocol: the official classifier trained end to end with layer-wise lr decay.
 
-The classifier pools the pre-norm patch tokens -> fc_norm -> head; training adds drop path, relative position
-tables, light augmentation and optional mixup/cutmix.
+The classifier pools the pre-norm patch tokens -> fc_norm -> head; training sets the encoder's drop path and
+relative position tables (``Encoder.set_drop_path`` / ``init_rel_pos_bias``), light augmentation and
+optional mixup/cutmix.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import data as D
-from ..models.layers import relative_position_index
+from ..models.cae import Encoder
 from ..optim import cosine_lr, effective_warmup, finetune_param_groups
 from ..runtime import autocast
 from ..tracking import Progress
@@ -36,7 +37,7 @@ class FinetuneClassifier(nn.Module):
     """The official fine-tuning network: mean of the *pre-norm* patch tokens -> ``fc_norm`` (the
     pretrained final norm, ``encoder.norm`` here) -> Linear head (init scaled by 0.001)."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, init_scale: float = 0.001) -> None:
+    def __init__(self, encoder: Encoder, num_classes: int, init_scale: float = 0.001) -> None:
         super().__init__()
         self.encoder = encoder
         dim = encoder.cfg.embed_dim
@@ -55,32 +56,6 @@ class FinetuneClassifier(nn.Module):
         enc = self.encoder
         x, _ = enc.forward_intermediates(enc.embed(images), None, final_norm=False)
         return self.head(enc.norm(x[:, 1:].mean(dim=1)))
-
-
-def _set_drop_path(encoder: nn.Module, rate: float) -> None:
-    from timm.layers import DropPath
-
-    for blk, r in zip(encoder.blocks, torch.linspace(0, rate, len(encoder.blocks)).tolist(), strict=True):
-        blk.drop_path = DropPath(r) if r > 0 else nn.Identity()
-
-
-def _add_rel_pos_bias(encoder: nn.Module) -> int:
-    """Give every block the official zero-initialized relative position table (if it has none)."""
-    added = 0
-    grid = encoder.cfg.grid_size
-    for blk in encoder.blocks:
-        attn = blk.attn
-        if attn.relative_position_bias_table is not None:
-            continue
-        num_rel = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
-        dev = attn.qkv.weight.device
-        attn.window_size = grid
-        attn.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, attn.num_heads, device=dev))
-        attn.register_buffer(
-            "relative_position_index", relative_position_index(grid).to(dev), persistent=False
-        )
-        added += 1
-    return added
 
 
 def _augment(
@@ -151,8 +126,8 @@ def run_finetune(
 
     torch.manual_seed(seed)
     encoder = backbone.model().encoder  # ours to modify: nothing else uses the backbone after this
-    _set_drop_path(encoder, p.drop_path)
-    added = _add_rel_pos_bias(encoder) if p.rel_pos_bias else 0
+    encoder.set_drop_path(p.drop_path)
+    added = encoder.init_rel_pos_bias() if p.rel_pos_bias else 0
     model = FinetuneClassifier(encoder, nc).to(device)
     model.requires_grad_(True)
     groups = finetune_param_groups(model, p.weight_decay, p.layer_decay)

@@ -24,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Block, PatchEmbed, RegressorBlock, build_2d_sincos_position_embedding
+from .layers import (
+    Block,
+    PatchEmbed,
+    RegressorBlock,
+    build_2d_sincos_position_embedding,
+    drop_path_rates,
+)
 
 __all__ = ["CAE", "CAEConfig", "CAEOutput", "Encoder", "patchify", "unpatchify"]
 
@@ -220,6 +226,10 @@ class Encoder(nn.Module):
     """The BEiT-style ViT encoder (``encoder.*`` in official checkpoints).
 
     ``forward(x, mask)`` encodes the patches where ``mask`` is False (plus cls); ``mask=None`` encodes all.
+    :meth:`forward_intermediates` is the one token forward (pretraining stages, readouts, the dense
+    pyramid and fine-tuning); what downstream training changes is set here too, as timm models do:
+    :meth:`set_drop_path` (the stochastic-depth ramp) and :meth:`init_rel_pos_bias` (BEiT's relative
+    position tables, built in by ``CAEConfig.use_rel_pos_bias`` or added before fine-tuning).
     """
 
     def __init__(self, cfg: CAEConfig) -> None:
@@ -238,7 +248,7 @@ class Encoder(nn.Module):
         self.register_buffer(
             "pos_embed", build_2d_sincos_position_embedding(cfg.grid_size, d), persistent=True
         )
-        dpr = [r.item() for r in torch.linspace(0, cfg.drop_path_rate, cfg.depth)]
+        dpr = drop_path_rates(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList(
             Block(
                 d,
@@ -255,6 +265,18 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.grad_checkpointing = False
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 (first block) to ``rate`` (last block), the downstream
+        recipes' setting; 0 turns it off."""
+        for blk, r in zip(self.blocks, drop_path_rates(rate, len(self.blocks)), strict=True):
+            blk.set_drop_path(r)
+
+    def init_rel_pos_bias(self) -> int:
+        """Give every block the official zero-initialized relative position table for the trained grid
+        (blocks that have one keep it): the number of blocks that got one. With the tables the encoder
+        needs every token (no masking) at ``cfg.img_size``."""
+        return sum(bool(blk.attn.init_rel_pos_bias(self.cfg.grid_size)) for blk in self.blocks)
 
     def embed(self, x: Tensor) -> Tensor:
         """Patch tokens [B, N, D] (no cls, no position)."""
@@ -312,7 +334,7 @@ class Encoder(nn.Module):
 
 def _decoder_stack(block: type[Block] | type[RegressorBlock], cfg: CAEConfig, depth: int) -> nn.ModuleList:
     """``depth`` blocks of width Dd with the regressor/decoder heads, MLP, layer scale and drop-path ramp."""
-    dpr = torch.linspace(0, cfg.drop_path_rate, max(depth, 1)).tolist()
+    dpr = drop_path_rates(cfg.drop_path_rate, max(depth, 1))
     return nn.ModuleList(
         block(
             cfg.decoder_embed_dim,

@@ -40,7 +40,6 @@ __all__ = [
     "read_metadata",
     "save_model",
     "safe_globals",
-    "sha256_file",
 ]
 
 _logger = logging.getLogger(__name__)

@@ -21,6 +21,8 @@ __all__ = [
     "PatchEmbed",
     "RegressorBlock",
     "build_2d_sincos_position_embedding",
+    "drop_path_rates",
+    "relative_position_index",
     "resample_abs_pos_embed",
 ]
 
@@ -69,6 +71,11 @@ def resample_abs_pos_embed(
     return torch.cat([prefix, grid], dim=1)
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """The stochastic-depth ramp: ``depth`` rates from 0 to ``rate``, linearly (block 0 never drops)."""
+    return torch.linspace(0, rate, depth).tolist()
+
+
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
     b, n, c = x.shape
     return x.reshape(b, n, num_heads, c // num_heads).transpose(1, 2)
@@ -110,16 +117,26 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(all_head_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # BEiT relative position bias, only for fine-tuned official checkpoints (pretraining has none).
-        self.window_size = window_size
+        # BEiT relative position bias, only for fine-tuned official checkpoints and fine-tuning
+        # (pretraining has none).
+        self.window_size: tuple[int, int] | None = None
+        self.relative_position_bias_table: nn.Parameter | None = None
         if window_size is not None:
-            num_rel = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
-            self.register_buffer(
-                "relative_position_index", relative_position_index(window_size), persistent=False
-            )
-        else:
-            self.relative_position_bias_table = None
+            self.init_rel_pos_bias(window_size)
+
+    def init_rel_pos_bias(self, window_size: tuple[int, int]) -> bool:
+        """Add the official zero-initialized relative position table for a ``window_size`` patch grid (on
+        the device of the weights); False, and nothing changes, when the attention already has one."""
+        if self.relative_position_bias_table is not None:
+            return False
+        num_rel = (2 * window_size[0] - 1) * (2 * window_size[1] - 1) + 3
+        dev = self.qkv.weight.device
+        self.window_size = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, self.num_heads, device=dev))
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window_size).to(dev), persistent=False
+        )
+        return True
 
     def rel_pos_bias(self) -> Tensor:
         n = self.relative_position_index.shape[0]
@@ -183,7 +200,7 @@ class Block(nn.Module):
         self.attn = Attention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, head_dim=head_dim, window_size=window_size
         )
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.set_drop_path(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         hidden = mlp_hidden_dim or int(dim * mlp_ratio)
         self.mlp = Mlp(in_features=dim, hidden_features=hidden, act_layer=nn.GELU)
@@ -192,6 +209,10 @@ class Block(nn.Module):
             self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
         else:
             self.gamma_1 = self.gamma_2 = None
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth on both residual branches at ``rate`` (0: none)."""
+        self.drop_path = DropPath(rate) if rate > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gamma_1 is None:
