@@ -55,7 +55,8 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
                              opset=args.opset, fp16=args.fp16, int8=args.int8, segment=args.segment,
                              detect=args.detect, scenes_root=args.scenes,
                              detect_score_threshold=args.detect_score_threshold,
-                             detect_nms_iou=None if args.detect_nms_iou < 0 else args.detect_nms_iou)  # fmt: skip
+                             detect_nms_iou=None if args.detect_nms_iou < 0 else args.detect_nms_iou,
+                             shared_weights=args.shared_weights)  # fmt: skip
     except (ExportError, CheckpointError) as e:
         _logger.error("%s", e)
         return 2
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--detect-nms-iou", type=float, default=0.5,
                    help="IoU threshold of the service's class-agnostic NMS for /detect (spec.json); < 0: off")
     o.add_argument("--scenes", default=None, help="scenes benchmark folder: its validation images join the parity inputs")
+    o.add_argument("--no-shared-weights", dest="shared_weights", action="store_false",
+                   help="self-contained graphs (each carries its weights) instead of one shared weights.bin "
+                   "that stores every tensor once")
     o.add_argument("--json", action="store_true", help="print spec.json on stdout")
     o.set_defaults(func=_cmd_onnx)
     r = sub.add_parser("tensorrt", help="TensorRT engines from a bundle's ONNX graphs (needs a CUDA GPU)")

@@ -105,7 +105,8 @@ def build_engine(
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    # with the model's path: the parser resolves external data (the bundle's weights.bin) relative to it
+    if not parser.parse(onnx_path.read_bytes(), path=str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise TensorRTError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
@@ -257,7 +258,9 @@ def export_tensorrt(
             "parity": {"min_cosine_vs_onnxruntime": worst, "bound_min_cosine": bound},
         }]  # fmt: skip
         _logger.info("%s: cosine to ONNX Runtime %.6f", name, worst)
-    spec["files"] = {p.name: sha256_file(p) for p in sorted(bundle.iterdir()) if p.suffix in (".onnx", ".plan")}
+    shared = set(spec.get("external_data") or {})  # the graphs' weights.bin stays listed
+    spec["files"] = {p.name: sha256_file(p) for p in sorted(bundle.iterdir())
+                     if p.suffix in (".onnx", ".plan") or p.name in shared}  # fmt: skip
     validate_spec(spec)
     tmp = bundle / "spec.json.tmp"
     tmp.write_text(json.dumps(spec, indent=2))
