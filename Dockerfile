@@ -3,9 +3,19 @@
 #   CPU (default):  docker build -t cae-service . && docker run -p 8000:8000 cae-service
 #   GPU:            docker build --target gpu -t cae-service:gpu . && docker run --gpus all -p 8000:8000 cae-service:gpu
 # Another bundle:   docker run -v /path/to/bundle:/models/custom:ro -e CAE_MODEL_DIR=/models/custom -p 8000:8000 cae-service
+# The image ships the bundle's ONNX graphs, weights.bin and spec.json only: the training sources
+# (*.safetensors, for the torch backend, which this image cannot run) stay out unless
+# --build-arg WITH_TORCH_SOURCES=1 asks for them (for an image that adds torch on top of this one).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ------------------------------------------------------------------------------------------- bundle
+# pruned in its own stage: a file removed in a later layer would still weigh in the final image
+FROM ${PYTHON_IMAGE} AS bundle
+ARG WITH_TORCH_SOURCES=0
+COPY models/default /bundle
+RUN if [ "$WITH_TORCH_SOURCES" != 1 ]; then rm -f /bundle/*.safetensors; fi
 
 # ---------------------------------------------------------------------------------------------- cpu
 FROM ${PYTHON_IMAGE} AS cpu
@@ -25,7 +35,7 @@ print('\n'.join(d['project']['dependencies'] + d['project']['optional-dependenci
  && python -c "import openvino as ov; assert 'CPU' in ov.Core().available_devices"
 # ^ OpenVINO on CPU only: its GPU/NPU plugins and non-ONNX frontends are ~70 MB this image never uses
 COPY service ./service
-COPY models/default ./models/default
+COPY --from=bundle /bundle ./models/default
 RUN python -c "import service" && ! python -c "import torch" 2>/dev/null
 ENV CAE_MODEL_DIR=/app/models/default CAE_HOST=0.0.0.0 CAE_PORT=8000 PYTHONPATH=/app
 USER cae
@@ -47,7 +57,7 @@ deps = d['project']['dependencies'] + d['project']['optional-dependencies']['ser
 print('\n'.join(x for x in deps if not x.startswith('onnxruntime')))" > /tmp/req.txt \
  && pip install -r /tmp/req.txt 'onnxruntime-gpu>=1.18' 'tensorrt>=10.0' && rm /tmp/req.txt
 COPY service ./service
-COPY models/default ./models/default
+COPY --from=bundle /bundle ./models/default
 ENV CAE_MODEL_DIR=/app/models/default CAE_HOST=0.0.0.0 CAE_PORT=8000 CAE_BACKEND=auto PYTHONPATH=/app
 USER cae
 EXPOSE 8000

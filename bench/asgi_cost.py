@@ -36,7 +36,7 @@ def embed_only(bundle: Path, dst: Path) -> Path:
     """A copy of ``bundle`` with its embed task only (what the null backend serves)."""
     spec = json.loads((bundle / "spec.json").read_text())
     spec["tasks"] = {"embed": {k: v for k, v in spec["tasks"]["embed"].items() if k != "variants"}}
-    keep = {spec["tasks"]["embed"]["file"]}
+    keep = {spec["tasks"]["embed"]["file"], *(spec.get("external_data") or {})}  # + the shared weights
     spec["files"] = {k: v for k, v in spec["files"].items() if k in keep}
     for f in keep:
         shutil.copy(bundle / f, dst / f)

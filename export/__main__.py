@@ -64,6 +64,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
             scenes_root=args.scenes,
             detect_score_threshold=args.detect_score_threshold,
             detect_nms_iou=None if args.detect_nms_iou < 0 else args.detect_nms_iou,
+            shared_weights=args.shared_weights,
         )
     except (ExportError, CheckpointError) as e:
         _logger.error("%s", e)
@@ -96,9 +97,15 @@ def _cmd_triton(args: argparse.Namespace) -> int:
     from export.triton import TritonError, export_triton
 
     try:
-        export_triton(args.bundle, args.repo, prefix=args.prefix, max_batch_size=args.max_batch_size,
-                      instance_kind=args.instance_kind, instances=args.instances,
-                      max_queue_delay_us=args.max_queue_delay_us)  # fmt: skip
+        export_triton(
+            args.bundle,
+            args.repo,
+            prefix=args.prefix,
+            max_batch_size=args.max_batch_size,
+            instance_kind=args.instance_kind,
+            instances=args.instances,
+            max_queue_delay_us=args.max_queue_delay_us,
+        )
     except TritonError as e:
         _logger.error("%s", e)
         return 2
@@ -160,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--scenes", default=None, help="scenes benchmark folder: its validation images join the parity inputs"
+    )
+    o.add_argument(
+        "--no-shared-weights",
+        dest="shared_weights",
+        action="store_false",
+        help="self-contained graphs (each carries its weights) instead of one shared weights.bin "
+        "that stores every tensor once",
     )
     o.add_argument("--json", action="store_true", help="print spec.json on stdout")
     o.set_defaults(func=_cmd_onnx)

@@ -6,6 +6,8 @@ Bundle layout::
     reconstruct.onnx      images, mask bool [B,N] (same count per row) -> pred [B,Nm,P] (masked patches,
                           ascending order; P = p*p*C pixels or the token vocabulary)
     embed.fp16.onnx ...   optional lower-precision variants, with their measured error
+    weights.bin           the graphs' initializers as ONNX external data, each distinct tensor once
+                          (``shared_weights=False`` / ``--no-shared-weights``: self-contained graphs)
     spec.json             everything a server needs, plus sha256 of every file
 
 The exporter refuses to write a bundle whose graphs miss the parity bounds.
@@ -30,7 +32,15 @@ from training.models.checkpoint import read_metadata
 from training.models.layers import resample_abs_pos_embed
 
 from .dense_export import export_detect, export_segment
-from .onnx_common import ExportError, export_graph, ort_session, pooled_readouts, validate_spec
+from .onnx_common import (
+    WEIGHTS_FILE,
+    ExportError,
+    export_graph,
+    ort_session,
+    pooled_readouts,
+    share_weights,
+    validate_spec,
+)
 
 __all__ = ["EXPORTER_VERSION", "TASKS", "ExportError", "export_bundle", "validate_spec"]
 
@@ -223,10 +233,13 @@ def export_bundle(
     scenes_root: str | Path | None = None,
     detect_score_threshold: float = 0.5,
     detect_nms_iou: float | None = 0.5,
+    shared_weights: bool = True,
 ) -> dict[str, Any]:
     """Write a bundle for ``checkpoint`` into ``out_dir`` and return its spec. ``segment`` / ``detect``:
     trained dense heads (``training/run.py segment|detect``) to add as ``segment.onnx`` / ``detect.onnx``;
-    ``scenes_root``: a scenes benchmark folder whose validation images join the parity inputs."""
+    ``scenes_root``: a scenes benchmark folder whose validation images join the parity inputs;
+    ``shared_weights``: every graph's weights in one ``weights.bin``, each tensor once (parity is checked
+    on the self-contained graphs first; the move keeps the weights bit for bit, which is verified)."""
     t0 = time.perf_counter()
     checkpoint = Path(checkpoint)
     unknown = sorted(set(tasks) - set(TASKS))
@@ -362,7 +375,15 @@ def export_bundle(
         "tasks": spec_tasks,
         "opset": opset,
     }
-    spec["files"] = {p.name: sha256_file(p) for p in sorted(out.glob("*.onnx"))}
+    if shared_weights:
+        names = {e["file"] for e in spec_tasks.values()}
+        names |= {v["file"] for e in spec_tasks.values() for v in e["variants"].values()}
+        graphs = sorted(out / n for n in names)
+        spec["external_data"] = {WEIGHTS_FILE: share_weights(graphs)}
+    elif (out / WEIGHTS_FILE).exists():  # a previous shared export's file: not part of this bundle
+        (out / WEIGHTS_FILE).unlink()
+    shared = [out / n for n in spec.get("external_data", {})]
+    spec["files"] = {p.name: sha256_file(p) for p in sorted([*out.glob("*.onnx"), *shared])}
     validate_spec(spec)
     tmp = out / "spec.json.tmp"
     tmp.write_text(json.dumps(spec, indent=2))

@@ -114,7 +114,8 @@ def build_engine(
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    # with the model's path: the parser resolves external data (the bundle's weights.bin) relative to it
+    if not parser.parse(onnx_path.read_bytes(), path=str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise TensorRTError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
@@ -240,8 +241,17 @@ def export_tensorrt(
                 assert calib_dir is not None  # checked above
                 batches = _calibration_batches(Path(calib_dir), spec, opt_batch)
                 calibrator = _make_calibrator(trt, batches, bundle / f"{task}.int8.calib")
-        build_engine(onnx_path, entry, bundle / name, timing_cache, min_batch, opt_batch, max_batch,
-                     fp16=fp16 or int8, calibrator=calibrator)  # fmt: skip
+        build_engine(
+            onnx_path,
+            entry,
+            bundle / name,
+            timing_cache,
+            min_batch,
+            opt_batch,
+            max_batch,
+            fp16=fp16 or int8,
+            calibrator=calibrator,
+        )
         # parity against ONNX Runtime on fresh inputs at two batch sizes
         runner, ref = EngineRunner(bundle / name), ort_session(onnx_path)
         worst = 1.0
@@ -264,14 +274,22 @@ def export_tensorrt(
         if worst < bound:
             raise TensorRTError(f"{name}: cosine to ONNX Runtime {worst:.6f} < {bound}")
         entry.setdefault("tensorrt", [])
-        entry["tensorrt"] = [e for e in entry["tensorrt"] if e["file"] != name] + [{
-            "file": name, "precision": precision, "gpu": gpu, "tensorrt_version": trt.__version__,
-            "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-            "parity": {"min_cosine_vs_onnxruntime": worst, "bound_min_cosine": bound},
-        }]  # fmt: skip
+        entry["tensorrt"] = [e for e in entry["tensorrt"] if e["file"] != name] + [
+            {
+                "file": name,
+                "precision": precision,
+                "gpu": gpu,
+                "tensorrt_version": trt.__version__,
+                "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
+                "parity": {"min_cosine_vs_onnxruntime": worst, "bound_min_cosine": bound},
+            }
+        ]
         _logger.info("%s: cosine to ONNX Runtime %.6f", name, worst)
+    shared = set(spec.get("external_data") or {})  # the graphs' weights.bin stays listed
     spec["files"] = {
-        p.name: sha256_file(p) for p in sorted(bundle.iterdir()) if p.suffix in (".onnx", ".plan")
+        p.name: sha256_file(p)
+        for p in sorted(bundle.iterdir())
+        if p.suffix in (".onnx", ".plan") or p.name in shared
     }
     validate_spec(spec)
     tmp = bundle / "spec.json.tmp"

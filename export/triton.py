@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,17 @@ def validate_config(text: str) -> None:
         raise TritonError("dynamic_batching needs max_batch_size > 0")
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (the shared weights once on disk for every model), else a copy."""
+    if not src.is_file():
+        raise TritonError(f"{src}: listed in spec.json but missing")
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(src, dst)
+
+
 def export_triton(
     bundle: str | Path,
     repo: str | Path,
@@ -138,6 +150,9 @@ def export_triton(
             model_dir = repo / name
             (model_dir / "1").mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, model_dir / "1" / dst_name)
+            if platform == "onnxruntime_onnx":
+                for shared in spec.get("external_data") or {}:  # weights.bin: resolved beside model.onnx
+                    _link_or_copy(bundle / shared, model_dir / "1" / shared)
             (model_dir / "config.pbtxt").write_text(text)
             # the bundle's spec travels along: clients read preprocessing from it
             shutil.copyfile(spec_path, model_dir / "spec.json")

@@ -1,7 +1,10 @@
 """Reading a model bundle (``export/onnx_export.py`` writes it) and refusing a damaged one.
 
 A bundle is trusted only after every file ``spec.json`` lists matches its sha256, and every graph the
-spec references is among those files: a server must never load a graph nobody checked.
+spec references is among those files: a server must never load a graph nobody checked. Graphs may keep
+their weights in a shared ONNX external-data file (``external_data``, e.g. ``weights.bin``): it is listed
+and checked like a graph, and the runtimes find it because every backend loads graphs by path, from the
+bundle directory. A graph can only point at files its exporter wrote, as its own bytes are checked.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def _validate_schema(spec: dict[str, Any]) -> None:
 
 
 def _referenced_files(spec: dict[str, Any]) -> set[str]:
-    names = set()
+    names = set(spec.get("external_data") or {})
     for entry in spec["tasks"].values():
         names.add(entry["file"])
         names.update(v["file"] for v in entry.get("variants", {}).values())
@@ -136,11 +139,35 @@ def _referenced_files(spec: dict[str, Any]) -> set[str]:
     return names
 
 
+def _what(spec: dict[str, Any], name: str) -> str:
+    """`` (the shared weights of a.onnx, b.onnx)`` for an external-data file, else ''."""
+    shared = (spec.get("external_data") or {}).get(name)
+    return f" (the shared weights of {', '.join(shared.get('graphs', []))})" if shared else ""
+
+
+def check_external_data(path: Path, spec: dict[str, Any]) -> None:
+    """Each shared external-data file is present at its recorded size: cheap, so done even without
+    ``verify`` (a graph would otherwise fail to load with a runtime's own, less clear, message)."""
+    for name, entry in sorted((spec.get("external_data") or {}).items()):
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise BundleError(f"spec.json lists an invalid external-data file name {name!r}")
+        f = path / name
+        if not f.is_file():
+            raise BundleError(f"{f}: missing{_what(spec, name)}; re-export or restore the bundle")
+        size = f.stat().st_size
+        if size != int(entry["bytes"]):
+            raise BundleError(
+                f"{f}: {size} bytes, spec.json records {entry['bytes']}{_what(spec, name)}: truncated or "
+                "replaced; re-export or restore the bundle"
+            )
+
+
 def verify_files(path: Path, spec: dict[str, Any]) -> None:
     files: dict[str, str] = spec.get("files") or {}
     unlisted = sorted(_referenced_files(spec) - set(files))
     if unlisted:
         raise BundleError(f"spec.json references {unlisted} without a sha256 for them; re-export the bundle")
+    check_external_data(path, spec)
     for name, expected in sorted(files.items()):
         if Path(name).name != name or name in ("", ".", ".."):
             raise BundleError(f"spec.json lists an invalid file name {name!r}")
@@ -150,8 +177,8 @@ def verify_files(path: Path, spec: dict[str, Any]) -> None:
         found = sha256_file(f)
         if found != expected:
             raise BundleError(
-                f"{f}: sha256 mismatch (spec.json {expected[:12]}..., file {found[:12]}...): the file was "
-                "altered or corrupted; re-export or restore the bundle"
+                f"{f}: sha256 mismatch (spec.json {expected[:12]}..., file {found[:12]}...)"
+                f"{_what(spec, name)}: the file was altered or corrupted; re-export or restore the bundle"
             )
 
 
@@ -216,4 +243,6 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{spec_path}: image grid, patch size and size disagree")
     if verify:
         verify_files(path, spec)
+    else:
+        check_external_data(path, spec)
     return bundle

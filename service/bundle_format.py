@@ -21,6 +21,8 @@ FORMAT = "cae-bundle"
 FORMAT_VERSION = 1
 # Package data (pyproject ``package-data``): found the same way from a checkout, a wheel or the image.
 SCHEMA_NAME = "spec_schema.json"
+# The external-data file the graphs of a bundle share (spec.json ``external_data``; each weight stored once).
+WEIGHTS_FILE = "weights.bin"
 
 
 @functools.cache

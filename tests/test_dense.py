@@ -277,7 +277,8 @@ def test_export_with_heads_parity_and_serving(trained, tiny_ckpt, scenes, tmp_pa
     assert seg["outputs"][0]["shape"] == ["batch", 11, 32, 32] and seg["image"]["size"] == 32
     assert [o["name"] for o in det["outputs"]] == ["boxes", "labels", "scores", "masks"]
     assert det["inputs"][0]["shape"] == [1, 3, 32, 32] and det["classes"][0] == "background"
-    assert set(spec["files"]) == {"embed.onnx", "segment.onnx", "detect.onnx"}
+    # the three graphs plus their shared weights
+    assert set(spec["files"]) == {"embed.onnx", "segment.onnx", "detect.onnx", "weights.bin"}
 
     from service.app import create_app
     from service.settings import Settings

@@ -46,9 +46,9 @@ def test_tiny_bundle_layout_and_checksums(tiny_bundle):
     on_disk = json.loads((out / "spec.json").read_text())
     assert on_disk == spec
     validate_spec(on_disk)
-    assert set(spec["files"]) == {
-        f"{t}{v}.onnx" for t in ("embed", "reconstruct") for v in ("", ".fp16", ".int8")
-    }
+    graphs = {f"{t}{v}.onnx" for t in ("embed", "reconstruct") for v in ("", ".fp16", ".int8")}
+    assert set(spec["files"]) == graphs | {"weights.bin"}  # the graphs' shared external data
+    assert set(spec["external_data"]["weights.bin"]["graphs"]) == graphs
     import hashlib
 
     for name, digest in spec["files"].items():

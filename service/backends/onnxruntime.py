@@ -110,6 +110,7 @@ class OnnxRuntimeBackend(Backend):
                     raise BackendUnavailable(f"the bundle has no {precision} graph for {task}")
             providers = self._providers(bundle, task, task_precision)
             try:
+                # by path, never from bytes: ORT then finds the graph's external data (weights.bin) beside it
                 sess = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # ORT raises many types: one clean line here, the full text in the log
                 _logger.debug("onnxruntime cannot load %s", path.name, exc_info=True)

@@ -76,6 +76,7 @@ class OpenVinoBackend(Backend):
             if path is None:
                 raise BackendUnavailable(f"the bundle has no graph for {task}")
             try:
+                # read_model by path: external data (weights.bin) resolves relative to the graph
                 compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
             except (
                 Exception

@@ -63,7 +63,9 @@ def evaluate_detection(
             boxes = (out["boxes"].cpu() * torch.tensor([w / s_w, h / s_h, w / s_w, h / s_h])).numpy()
             probs = out["masks"].cpu().float()
             if len(probs) and tuple(probs.shape[-2:]) != (h, w):
-                probs = torch.nn.functional.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+                probs = torch.nn.functional.interpolate(
+                    probs, size=(h, w), mode="bilinear", align_corners=False
+                )
             masks = (probs[:, 0] > 0.5).numpy().astype(np.uint8)
             rles = masks_to_rle(masks) if len(masks) else []
             for j in range(len(boxes)):
