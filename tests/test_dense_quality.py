@@ -33,12 +33,15 @@ N_SCENES = 24  # non-black v2 scenes (canvases 48-256 px, aspect 0.75-1.33, 1-6 
 N_GARMENTS = 30  # single garments, canvases 28..512 px
 N_CANVASES = 10  # garment-free canvases
 
-# Floors (%), to be set from the measured numbers of the shipped bundle (docs/dense.md).
-MIOU_FLOOR = 30.0  # segmentation, background + 10 classes, non-black v2 scenes
-BOX_AP50_FLOOR = 30.0  # detection, COCO class-aware box AP50, same scenes
-MASK_AP50_FLOOR = 25.0
-SINGLE_GARMENT_FLOOR = 40.0  # exactly one detection of the right class ("half" placement)
-BACKGROUND_FRACTION_FLOOR = 90.0  # pixels of a garment-free noisy canvas labelled background
+# Floors (%), a few points under what the first v2 heads measured on this module's scenes through a
+# scratch export of runs/seg_v2 + runs/det_v2 (docs/dense.md; detect score threshold 0.2, NMS 0.5): mIoU
+# 13.95, box AP50 10.39, mask AP50 11.26, background 99.9. They catch a broken export or post-processing,
+# not a good model: raise them with the heads (the bars are mIoU 60, box AP50 70).
+MIOU_FLOOR = 11.0  # segmentation, background + 10 classes, non-black v2 scenes
+BOX_AP50_FLOOR = 7.0  # detection, COCO class-aware box AP50, same scenes
+MASK_AP50_FLOOR = 8.0
+SINGLE_GARMENT_FLOOR = 10.0  # exactly one detection of the right class ("half" placement)
+BACKGROUND_FRACTION_FLOOR = 95.0  # pixels of a garment-free noisy canvas labelled background
 MAX_DETECTIONS_PER_EMPTY_CANVAS = 0.5
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
