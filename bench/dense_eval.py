@@ -5,8 +5,9 @@ and its detection path (``service.routers.detect.detect_one``: score threshold, 
 scaled back to the canvas, masks resized to it). The bundle path is torch-free (ONNX Runtime backend).
 
     # torch checkpoints
-    python bench/dense_eval.py --segment runs/seg_v2/segment.safetensors --detect runs/det_v2/detect.safetensors \
-        --val runs/scenes_v2 --shifted runs/scenes_shifted --out runs/evals/dense_v2_torch.json --grids docs/dense
+    python bench/dense_eval.py --segment runs/seg_v2/segment.safetensors \
+        --detect runs/det_v2/detect.safetensors --val runs/scenes_v2 --shifted runs/scenes_shifted \
+        --out runs/evals/dense_v2_torch.json --grids docs/dense
     # the shipped bundle (same numbers, from the graphs)
     python bench/dense_eval.py --bundle models/default --val runs/scenes_v2 --shifted runs/scenes_shifted \
         --out runs/evals/dense_v2_bundle.json
@@ -83,9 +84,12 @@ class Heads:
 
 
 class BundleHeads(Heads):
-    """The bundle's ``segment.onnx`` / ``detect.onnx`` through the service's ONNX Runtime backend (no torch)."""
+    """The bundle's ``segment.onnx`` / ``detect.onnx`` through the service's ONNX Runtime backend (no
+    torch)."""
 
-    def __init__(self, path: str | Path, threads: int = 1, tasks: tuple[str, ...] = ("segment", "detect")) -> None:
+    def __init__(
+        self, path: str | Path, threads: int = 1, tasks: tuple[str, ...] = ("segment", "detect")
+    ) -> None:
         from service.backends.base import BackendOptions
         from service.backends.onnxruntime import OnnxRuntimeBackend
         from service.bundle import load_bundle
@@ -119,8 +123,13 @@ class BundleHeads(Heads):
 class TorchHeads(Heads):
     """``segment.safetensors`` / ``detect.safetensors`` from ``training/run.py segment|detect``."""
 
-    def __init__(self, segment: str | None, detect: str | None, score_threshold: float = 0.5,
-                 nms_iou: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        segment: str | None,
+        detect: str | None,
+        score_threshold: float = 0.5,
+        nms_iou: float | None = None,
+    ) -> None:
         import torch
 
         from training.dense.train import load_dense_model
@@ -138,9 +147,16 @@ class TorchHeads(Heads):
             model, cfg, pre, classes = load_dense_model(path)
             s, p = cfg.model.img_size, int(pre.get("patch_size", 4))
             self.models[task] = model.eval()
-            self.specs[task] = ImageSpec(size=s, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
-                                         interpolation=pre.get("interpolation", "bicubic"), patch_size=p,
-                                         grid=(s // p, s // p), num_patches=(s // p) ** 2, channels=3)  # fmt: skip
+            self.specs[task] = ImageSpec(
+                size=s,
+                mean=tuple(pre["mean"]),
+                std=tuple(pre["std"]),
+                interpolation=pre.get("interpolation", "bicubic"),
+                patch_size=p,
+                grid=(s // p, s // p),
+                num_patches=(s // p) ** 2,
+                channels=3,
+            )
             self._classes[task] = list(classes)
             self.scenes = self.scenes or pre.get("scenes")
             if task == "detect" and nms_iou is None:
@@ -171,18 +187,28 @@ def _decoded(pre: Preprocessor, img: Image.Image) -> Decoded:
     return Decoded(pre.to_array(pre.resize(rgb)), rgb.size)
 
 
-def _served_detections(heads: Heads, outs: dict[str, np.ndarray], d: Decoded, threshold: float,
-                       masks: MaskFormat = MaskFormat.none) -> list[dict[str, Any]]:  # fmt: skip
+def _served_detections(
+    heads: Heads,
+    outs: dict[str, np.ndarray],
+    d: Decoded,
+    threshold: float,
+    masks: MaskFormat = MaskFormat.none,
+) -> list[dict[str, Any]]:
     size = heads.image("detect").size
-    return detect_one(outs, d, heads.classes("detect"), size, threshold, 100, masks, heads.nms_iou)["detections"]
+    return detect_one(outs, d, heads.classes("detect"), size, threshold, 100, masks, heads.nms_iou)[
+        "detections"
+    ]
 
 
 def _iou_xyxy(a: list[float], b: list[float]) -> float:
     return float(dense.box_iou(np.array([a]), np.array([b]))[0, 0])
 
 
-def match_counts(dets: list[dict[str, Any]], gts: list[tuple[list[float], int]], iou: float = 0.5) -> tuple[int, int, int]:
-    """(true positives, detections, ground truths): greedy class-aware matching at ``iou``, best score first."""
+def match_counts(
+    dets: list[dict[str, Any]], gts: list[tuple[list[float], int]], iou: float = 0.5
+) -> tuple[int, int, int]:
+    """(true positives, detections, ground truths): greedy class-aware matching at ``iou``, best score
+    first."""
     used = [False] * len(gts)
     tp = 0
     for d in sorted(dets, key=lambda d: -d["score"]):
@@ -201,12 +227,17 @@ def match_counts(dets: list[dict[str, Any]], gts: list[tuple[list[float], int]],
 
 def _prf(tp: int, nd: int, ng: int) -> dict[str, float]:
     p, r = tp / max(nd, 1), tp / max(ng, 1)
-    return {"precision": round(100 * p, 2), "recall": round(100 * r, 2),
-            "f1": round(100 * 2 * p * r / max(p + r, 1e-9), 2)}  # fmt: skip
+    return {
+        "precision": round(100 * p, 2),
+        "recall": round(100 * r, 2),
+        "f1": round(100 * 2 * p * r / max(p + r, 1e-9), 2),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- evaluations
-def eval_segmentation(heads: Heads, root: Path, limit: int | None, grid: Path | None = None) -> dict[str, Any]:
+def eval_segmentation(
+    heads: Heads, root: Path, limit: int | None, grid: Path | None = None
+) -> dict[str, Any]:
     from training.dense.datasets import SegmentationFolder
 
     ds = SegmentationFolder(root / "ade", "validation")
@@ -222,7 +253,9 @@ def eval_segmentation(heads: Heads, root: Path, limit: int | None, grid: Path | 
         lab = dense.label_map(heads.segment(d.array[None])[0], d.size[1], d.size[0])
         meter.update(lab, gt)
         if grid is not None and i < 6:
-            rows.append([G.det_tile(np.asarray(img), np.zeros((0, 4)), [], classes), G.seg_tile(gt), G.seg_tile(lab)])
+            rows.append(
+                [G.det_tile(np.asarray(img), np.zeros((0, 4)), [], classes), G.seg_tile(gt), G.seg_tile(lab)]
+            )
     res = meter.compute()
     res["per_class_iou"] = dict(zip(classes, res["per_class_iou"], strict=True))
     res.update(images=n, seconds=round(time.perf_counter() - t0, 1))
@@ -231,8 +264,9 @@ def eval_segmentation(heads: Heads, root: Path, limit: int | None, grid: Path | 
     return res
 
 
-def eval_detection(heads: Heads, root: Path, limit: int | None, thresholds: tuple[float, ...],
-                   grid: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def eval_detection(
+    heads: Heads, root: Path, limit: int | None, thresholds: tuple[float, ...], grid: Path | None = None
+) -> dict[str, Any]:
     from pycocotools import mask as mask_utils
 
     coco = load_coco(root / "coco" / "annotations" / "instances_val.json")
@@ -257,11 +291,23 @@ def eval_detection(heads: Heads, root: Path, limit: int | None, thresholds: tupl
             x1, y1, x2, y2 = det["box"]
             rle = mask_utils.frPyObjects(det["mask"], *det["mask"]["size"])
             rle["counts"] = rle["counts"].decode("ascii")
-            dets.append({"image_id": image_id, "category_id": cat_ids[det["label"] - 1], "score": det["score"],
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "segmentation": rle})  # fmt: skip
+            dets.append(
+                {
+                    "image_id": image_id,
+                    "category_id": cat_ids[det["label"] - 1],
+                    "score": det["score"],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "segmentation": rle,
+                }
+            )
         anns = coco.imgToAnns.get(image_id, [])
-        gts = [([a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
-                cat_ids.index(a["category_id"]) + 1) for a in anns]  # fmt: skip
+        gts = [
+            (
+                [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]],
+                cat_ids.index(a["category_id"]) + 1,
+            )
+            for a in anns
+        ]
         for t in thresholds:
             kept = [x for x in served if x["score"] >= t]
             for j, v in enumerate(match_counts(kept, gts)):
@@ -271,13 +317,34 @@ def eval_detection(heads: Heads, root: Path, limit: int | None, thresholds: tupl
             arr = np.asarray(img)
             gt_masks = np.stack([coco.annToMask(a) for a in anns]) if anns else None
             kept = [x for x in served if x["score"] >= heads.score_threshold]
-            pm = np.stack([mask_utils.decode(mask_utils.frPyObjects(x["mask"], *x["mask"]["size"])) for x in kept]) if kept else None
-            rows.append([
-                G.det_tile(arr, np.zeros((0, 4)), [], classes),
-                G.det_tile(arr, np.array([b for b, _ in gts]).reshape(-1, 4), [lab for _, lab in gts], classes, None, gt_masks),
-                G.det_tile(arr, np.array([x["box"] for x in kept]).reshape(-1, 4), [x["label"] for x in kept], classes,
-                           [x["score"] for x in kept], pm),
-            ])  # fmt: skip
+            pm = (
+                np.stack(
+                    [mask_utils.decode(mask_utils.frPyObjects(x["mask"], *x["mask"]["size"])) for x in kept]
+                )
+                if kept
+                else None
+            )
+            rows.append(
+                [
+                    G.det_tile(arr, np.zeros((0, 4)), [], classes),
+                    G.det_tile(
+                        arr,
+                        np.array([b for b, _ in gts]).reshape(-1, 4),
+                        [lab for _, lab in gts],
+                        classes,
+                        None,
+                        gt_masks,
+                    ),
+                    G.det_tile(
+                        arr,
+                        np.array([x["box"] for x in kept]).reshape(-1, 4),
+                        [x["label"] for x in kept],
+                        classes,
+                        [x["score"] for x in kept],
+                        pm,
+                    ),
+                ]
+            )
     res: dict[str, Any] = dict(coco_evaluate(coco, dets, img_ids=ids))
     res["detections_at_score_0"] = len(dets)
     res["at_threshold"] = {str(t): _prf(*counts[t]) for t in thresholds}
@@ -289,8 +356,9 @@ def eval_detection(heads: Heads, root: Path, limit: int | None, thresholds: tupl
     return res
 
 
-def single_garments(heads: Heads, fmnist_root: Path, n: int, thresholds: tuple[float, ...],
-                    n_full: int | None = None) -> dict[str, Any]:  # fmt: skip
+def single_garments(
+    heads: Heads, fmnist_root: Path, n: int, thresholds: tuple[float, ...], n_full: int | None = None
+) -> dict[str, Any]:
     """Exactly-one-detection-of-the-right-class rates (see the module docstring for the garment scale);
     ``n`` garments placed "half", ``n_full`` (default ``n``) placed "full"."""
     from training.data import FashionMNIST
@@ -315,7 +383,9 @@ def single_garments(heads: Heads, fmnist_root: Path, n: int, thresholds: tuple[f
             else:
                 side = max(4, c // 2)
                 y0, x0 = (int(v) for v in rng.integers(0, c - side + 1, size=2))
-                canvas[y0 : y0 + side, x0 : x0 + side] = np.asarray(Image.fromarray(garment).resize((side, side), S.RESAMPLE))
+                canvas[y0 : y0 + side, x0 : x0 + side] = np.asarray(
+                    Image.fromarray(garment).resize((side, side), S.RESAMPLE)
+                )
             d = _decoded(pre, Image.fromarray(canvas))
             served = _served_detections(heads, heads.detect(d.array[None]), d, min(thresholds))
             for t in thresholds:
@@ -338,8 +408,10 @@ def single_garments(heads: Heads, fmnist_root: Path, n: int, thresholds: tuple[f
 def empty_canvases(heads: Heads, n: int) -> dict[str, Any]:
     """Garment-free canvases: fraction labelled background (segment) and detections per canvas (detect)."""
     out: dict[str, Any] = {"canvases": n}
-    for preset, kinds in (("v2", ("flat", "noise", "gradient", "stripes", "blobs")),
-                          ("shifted", ("flat", "noise", "gradient", "checker"))):  # fmt: skip
+    for preset, kinds in (
+        ("v2", ("flat", "noise", "gradient", "stripes", "blobs")),
+        ("shifted", ("flat", "noise", "gradient", "checker")),
+    ):
         st = S.PRESETS[preset]
         rng = np.random.default_rng([14, st.code])
         bg_frac, n_dets = [], []
@@ -356,36 +428,61 @@ def empty_canvases(heads: Heads, n: int) -> dict[str, Any]:
             if heads.has("detect"):
                 pre = Preprocessor(heads.image("detect"), _LIMITS)
                 d = _decoded(pre, img)
-                n_dets.append(len(_served_detections(heads, heads.detect(d.array[None]), d, heads.score_threshold)))
+                n_dets.append(
+                    len(_served_detections(heads, heads.detect(d.array[None]), d, heads.score_threshold))
+                )
         out[preset] = {
             "background_fraction": round(100 * float(np.mean(bg_frac)), 2) if bg_frac else None,
             "min_background_fraction": round(100 * float(np.min(bg_frac)), 2) if bg_frac else None,
             "detections_per_canvas": round(float(np.mean(n_dets)), 3) if n_dets else None,
-            "canvases_with_a_detection": round(100 * float(np.mean([k > 0 for k in n_dets])), 2) if n_dets else None,
+            "canvases_with_a_detection": round(100 * float(np.mean([k > 0 for k in n_dets])), 2)
+            if n_dets
+            else None,
         }
     return out
 
 
 # ---------------------------------------------------------------------------------------------- main
-def evaluate(heads: Heads, sets: dict[str, Path], limit: int | None, garments: int, canvases: int,
-             fmnist_root: Path, thresholds: tuple[float, ...], grids: Path | None,
-             log: Callable[[str], None] = _logger.info, garments_full: int | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    heads: Heads,
+    sets: dict[str, Path],
+    limit: int | None,
+    garments: int,
+    canvases: int,
+    fmnist_root: Path,
+    thresholds: tuple[float, ...],
+    grids: Path | None,
+    log: Callable[[str], None] = _logger.info,
+    garments_full: int | None = None,
+) -> dict[str, Any]:
     thresholds = tuple(sorted({*thresholds, heads.score_threshold}))
-    res: dict[str, Any] = {"heads": heads.name, "scenes": heads.scenes, "score_threshold": heads.score_threshold,
-                           "nms_iou": heads.nms_iou, "sets": {}}  # fmt: skip
+    res: dict[str, Any] = {
+        "heads": heads.name,
+        "scenes": heads.scenes,
+        "score_threshold": heads.score_threshold,
+        "nms_iou": heads.nms_iou,
+        "sets": {},
+    }
     for name, root in sets.items():
         r: dict[str, Any] = {"root": str(root)}
         if heads.has("segment"):
-            r["segment"] = eval_segmentation(heads, root, limit, grids / f"{name}_segment.png" if grids else None)
+            r["segment"] = eval_segmentation(
+                heads, root, limit, grids / f"{name}_segment.png" if grids else None
+            )
             log(f"{name} segment: mIoU {r['segment']['mIoU']} ({r['segment']['seconds']} s)")
         if heads.has("detect"):
-            r["detect"] = eval_detection(heads, root, limit, thresholds, grids / f"{name}_detect.png" if grids else None)
-            log(f"{name} detect: box AP50 {r['detect']['bbox_mAP_50']} mAP {r['detect']['bbox_mAP']} "
-                f"mask AP50 {r['detect']['segm_mAP_50']} ({r['detect']['seconds']} s)")  # fmt: skip
+            r["detect"] = eval_detection(
+                heads, root, limit, thresholds, grids / f"{name}_detect.png" if grids else None
+            )
+            log(
+                f"{name} detect: box AP50 {r['detect']['bbox_mAP_50']} mAP {r['detect']['bbox_mAP']} "
+                f"mask AP50 {r['detect']['segm_mAP_50']} ({r['detect']['seconds']} s)"
+            )
         res["sets"][name] = r
     if heads.has("detect") and garments:
         res["single_garment"] = single_garments(heads, fmnist_root, garments, thresholds, garments_full)
-        log(f"single garment: {json.dumps({k: v for k, v in res['single_garment'].items() if k in ('half', 'full')})}")
+        placed = {k: v for k, v in res["single_garment"].items() if k in ("half", "full")}
+        log(f"single garment: {json.dumps(placed)}")
     if canvases:
         res["empty_canvases"] = empty_canvases(heads, canvases)
         log(f"empty canvases: {json.dumps(res['empty_canvases'])}")
@@ -397,13 +494,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, help="an exported bundle (spec.json, segment.onnx, detect.onnx)")
     p.add_argument("--segment", help="segment.safetensors (torch path)")
     p.add_argument("--detect", help="detect.safetensors (torch path)")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="torch path: the served score threshold")
-    p.add_argument("--nms-iou", type=float, default=None, help="torch path: class-agnostic NMS IoU (default: the head's)")
+    p.add_argument(
+        "--score-threshold", type=float, default=0.5, help="torch path: the served score threshold"
+    )
+    p.add_argument(
+        "--nms-iou", type=float, default=None, help="torch path: class-agnostic NMS IoU (default: the head's)"
+    )
     p.add_argument("--val", type=Path, default=Path("runs/scenes_v2"), help="in-distribution scenes")
     p.add_argument("--shifted", type=Path, default=Path("runs/scenes_shifted"), help="shifted scenes")
     p.add_argument("--limit", type=int, default=None, help="first N scenes of each set")
     p.add_argument("--garments", type=int, default=1000, help="single garments, 'half' placement")
-    p.add_argument("--garments-full", type=int, default=None, help="single garments, 'full' placement (default: --garments)")
+    p.add_argument(
+        "--garments-full",
+        type=int,
+        default=None,
+        help="single garments, 'full' placement (default: --garments)",
+    )
     p.add_argument("--tasks", default="segment,detect", help="evaluate only these heads")
     p.add_argument("--canvases", type=int, default=100)
     p.add_argument("--fmnist-root", type=Path, default=S.FMNIST_DIR)
@@ -416,17 +522,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.bundle:
         heads: Heads = BundleHeads(args.bundle, tasks=tuple(sorted(tasks)))
     elif args.segment or args.detect:
-        heads = TorchHeads(args.segment if "segment" in tasks else None, args.detect if "detect" in tasks else None,
-                           args.score_threshold, args.nms_iou)  # fmt: skip
+        heads = TorchHeads(
+            args.segment if "segment" in tasks else None,
+            args.detect if "detect" in tasks else None,
+            args.score_threshold,
+            args.nms_iou,
+        )
     else:
         p.error("give --bundle or --segment/--detect")
     if args.grids:
         args.grids.mkdir(parents=True, exist_ok=True)
-    sets = {k: v for k, v in (("val", args.val), ("shifted", args.shifted)) if v and (v / "scenes.json").is_file()}
+    sets = {
+        k: v for k, v in (("val", args.val), ("shifted", args.shifted)) if v and (v / "scenes.json").is_file()
+    }
     t0 = time.perf_counter()
-    res = evaluate(heads, sets, args.limit, args.garments, args.canvases, args.fmnist_root,
-                   tuple(float(t) for t in args.thresholds.split(",")), args.grids,
-                   garments_full=args.garments_full)  # fmt: skip
+    res = evaluate(
+        heads,
+        sets,
+        args.limit,
+        args.garments,
+        args.canvases,
+        args.fmnist_root,
+        tuple(float(t) for t in args.thresholds.split(",")),
+        args.grids,
+        garments_full=args.garments_full,
+    )
     res["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(res, indent=2)
     if args.out:

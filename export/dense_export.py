@@ -57,7 +57,9 @@ def _image_spec(pre: dict[str, Any], cfg: Any, patch: int) -> dict[str, Any]:
         "std": [float(v) for v in pre["std"]],
         "interpolation": pre.get("interpolation", "bicubic"),
         "color": "rgb",
-        "resize_rule": "resize the whole image to size x size (no crop), then scale to [0,1], then (x-mean)/std",
+        "resize_rule": (
+            "resize the whole image to size x size (no crop), then scale to [0,1], then (x-mean)/std"
+        ),
         "input_size": [s, s],
         "patch_size": patch,
         "grid": [s // patch, s // patch],
@@ -90,8 +92,9 @@ def _scenes_entry(pre: dict[str, Any]) -> dict[str, Any]:
     return {"scenes": scenes} if isinstance(scenes, dict) else {}
 
 
-def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generator,
-                   scenes_root: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def export_segment(
+    head: Path, out_dir: Path, opset: int, rng: np.random.Generator, scenes_root: Path | None = None
+) -> dict[str, Any]:
     from training.dense.train import load_dense_model
 
     loaded: tuple[Any, Any, dict[str, Any], list[str]] = load_dense_model(head)
@@ -99,8 +102,14 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
     model.eval()
     s = cfg.model.img_size
     path = out_dir / "segment.onnx"
-    export_graph(model, (torch.from_numpy(rng.standard_normal((2, 3, s, s)).astype(np.float32)),), path,
-            ["images"], ["logits"], opset)  # fmt: skip
+    export_graph(
+        model,
+        (torch.from_numpy(rng.standard_normal((2, 3, s, s)).astype(np.float32)),),
+        path,
+        ["images"],
+        ["logits"],
+        opset,
+    )
     feeds = [rng.standard_normal((3, 3, s, s)).astype(np.float32)]
     real = _real_inputs(pre, s, scenes_root)
     if real is not None:
@@ -115,8 +124,13 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
             raise ExportError(f"segment.onnx: output {ours.shape} != PyTorch {ref.shape}")
         worst = max(worst, float(np.abs(ours - ref).max()))
         agree = min(agree, float((ours.argmax(1) == ref.argmax(1)).mean()))
-    parity = {"max_abs_diff": worst, "argmax_agreement": agree, "bound_max_abs": SEG_MAX_ABS, "inputs": len(feeds),
-              "real_inputs": real is not None}  # fmt: skip
+    parity = {
+        "max_abs_diff": worst,
+        "argmax_agreement": agree,
+        "bound_max_abs": SEG_MAX_ABS,
+        "inputs": len(feeds),
+        "real_inputs": real is not None,
+    }
     if worst > SEG_MAX_ABS:
         raise ExportError(f"segment.onnx misses the parity bound: {parity}")
     _logger.info("segment.onnx: max abs diff %.2e, argmax agreement %.6f", worst, agree)
@@ -134,9 +148,15 @@ def export_segment(head: Path, out_dir: Path, opset: int, rng: np.random.Generat
     }
 
 
-def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generator,
-                  scenes_root: Path | None = None, score_threshold: float = 0.5,
-                  nms_iou_threshold: float | None = 0.5) -> dict[str, Any]:  # fmt: skip
+def export_detect(
+    head: Path,
+    out_dir: Path,
+    opset: int,
+    rng: np.random.Generator,
+    scenes_root: Path | None = None,
+    score_threshold: float = 0.5,
+    nms_iou_threshold: float | None = 0.5,
+) -> dict[str, Any]:
     from training.dense.train import load_dense_model
 
     loaded: tuple[Any, Any, dict[str, Any], list[str]] = load_dense_model(head)
@@ -147,20 +167,34 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
     example = _real_inputs(pre, s, scenes_root, n=1)
     if example is None:
         example = rng.standard_normal((1, 3, s, s)).astype(np.float32)
-    n_out = {"boxes": {0: "num_detections"}, "labels": {0: "num_detections"}, "scores": {0: "num_detections"},
-             "masks": {0: "num_detections"}}  # fmt: skip
+    n_out = {
+        "boxes": {0: "num_detections"},
+        "labels": {0: "num_detections"},
+        "scores": {0: "num_detections"},
+        "masks": {0: "num_detections"},
+    }
     try:
         with warnings.catch_warnings():  # the TorchScript exporter warns about every traced shape branch
             warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (torch.from_numpy(example[:1]),), str(path), dynamo=False, opset_version=max(opset, 11),
-                              input_names=["images"], output_names=list(n_out), dynamic_axes=n_out)  # fmt: skip
+            torch.onnx.export(
+                graph,
+                (torch.from_numpy(example[:1]),),
+                str(path),
+                dynamo=False,
+                opset_version=max(opset, 11),
+                input_names=["images"],
+                output_names=list(n_out),
+                dynamic_axes=n_out,
+            )
     except Exception as e:  # noqa: BLE001 (the exporter raises many types)
         raise ExportError(f"ONNX export of detect.onnx failed: {type(e).__name__}: {str(e)[:500]}") from e
     feeds = [example[:1]]
     real = _real_inputs(pre, s, scenes_root, n=4)
     if real is not None:
         feeds += [real[i : i + 1] for i in range(len(real))]
-    feeds.append(np.full((1, 3, s, s), -float(np.array(pre["mean"]).mean() / np.array(pre["std"]).mean()), np.float32))
+    feeds.append(
+        np.full((1, 3, s, s), -float(np.array(pre["mean"]).mean() / np.array(pre["std"]).mean()), np.float32)
+    )
     sess = ort_session(path)
     w_box = w_score = w_mask = 0.0
     total = 0
@@ -169,19 +203,36 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
         with torch.no_grad():
             rb, rl, rs, rm = (t.numpy() for t in graph(torch.from_numpy(x)))
         if len(boxes) != len(rb) or not np.array_equal(labels, rl):
-            raise ExportError(f"detect.onnx: {len(boxes)} detections (labels {labels[:10]}) vs PyTorch {len(rb)} ({rl[:10]})")
+            raise ExportError(
+                f"detect.onnx: {len(boxes)} detections (labels {labels[:10]}) "
+                f"vs PyTorch {len(rb)} ({rl[:10]})"
+            )
         total += len(boxes)
         if len(boxes):
             w_box = max(w_box, float(np.abs(boxes - rb).max()))
             w_score = max(w_score, float(np.abs(scores - rs).max()))
             w_mask = max(w_mask, float(np.abs(masks - rm).max()))
-    parity = {"max_abs_box": w_box, "max_abs_score": w_score, "max_abs_mask": w_mask, "detections": total,
-              "inputs": len(feeds), "real_inputs": real is not None, "bound_max_abs_box": DET_MAX_ABS_BOX,
-              "bound_max_abs_score": DET_MAX_ABS_SCORE, "bound_max_abs_mask": DET_MAX_ABS_MASK}  # fmt: skip
+    parity = {
+        "max_abs_box": w_box,
+        "max_abs_score": w_score,
+        "max_abs_mask": w_mask,
+        "detections": total,
+        "inputs": len(feeds),
+        "real_inputs": real is not None,
+        "bound_max_abs_box": DET_MAX_ABS_BOX,
+        "bound_max_abs_score": DET_MAX_ABS_SCORE,
+        "bound_max_abs_mask": DET_MAX_ABS_MASK,
+    }
     if w_box > DET_MAX_ABS_BOX or w_score > DET_MAX_ABS_SCORE or w_mask > DET_MAX_ABS_MASK:
         raise ExportError(f"detect.onnx misses the parity bounds: {parity}")
-    _logger.info("detect.onnx: %d detections on %d inputs, max abs diff box %.2e score %.2e mask %.2e",
-                 total, len(feeds), w_box, w_score, w_mask)  # fmt: skip
+    _logger.info(
+        "detect.onnx: %d detections on %d inputs, max abs diff box %.2e score %.2e mask %.2e",
+        total,
+        len(feeds),
+        w_box,
+        w_score,
+        w_mask,
+    )
     return {
         "file": path.name,
         "inputs": [{"name": "images", "dtype": "float32", "shape": [1, 3, s, s]}],
@@ -197,7 +248,11 @@ def export_detect(head: Path, out_dir: Path, opset: int, rng: np.random.Generato
         "image": _image_spec(pre, cfg, model.backbone.body.patch_size),
         "classes": list(classes),
         "score_threshold": score_threshold,
-        **({} if nms_iou_threshold is None else {"nms_iou_threshold": nms_iou_threshold, "nms": "class_agnostic"}),
+        **(
+            {}
+            if nms_iou_threshold is None
+            else {"nms_iou_threshold": nms_iou_threshold, "nms": "class_agnostic"}
+        ),
         **_scenes_entry(pre),
         "source_sha256": sha256_file(head),
     }

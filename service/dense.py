@@ -78,7 +78,11 @@ def label_map(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     # cell (a, b): corners (a, b), (a+1, b), (a, b+1), (a+1, b+1) (clamped), as _axis pairs them
     uniform = (low == low[nxt_r]) & (low == low[:, nxt_c]) & (low == low[nxt_r][:, nxt_c])
     # nearest-cell fill (r0, c0 are non-decreasing: repeats, not a 2-D gather)
-    out = np.repeat(np.repeat(low.astype(dtype), np.bincount(r0, minlength=h), axis=0), np.bincount(c0, minlength=w), axis=1)
+    out = np.repeat(
+        np.repeat(low.astype(dtype), np.bincount(r0, minlength=h), axis=0),
+        np.bincount(c0, minlength=w),
+        axis=1,
+    )
     if uniform.all():
         return out
     starts = np.flatnonzero(np.r_[True, r0[1:] != r0[:-1]])  # output row bands sharing a source row
@@ -106,9 +110,9 @@ def label_map_reference(logits: np.ndarray, height: int, width: int) -> np.ndarr
     return out
 
 
-def mask_window(prob: np.ndarray, height: int, width: int, threshold: float = MASK_THRESHOLD) -> tuple[
-    int, int, np.ndarray
-]:
+def mask_window(
+    prob: np.ndarray, height: int, width: int, threshold: float = MASK_THRESHOLD
+) -> tuple[int, int, np.ndarray]:
     """The part of ``resize_mask`` that can be set: ``(y0, x0, crop)`` with ``crop`` the binary mask of
     rows ``y0..`` and columns ``x0..`` of the [height, width] result (zero outside). An output pixel can
     exceed the threshold only if one of its four source pixels does, so only those pixels are resized,
@@ -248,7 +252,9 @@ def overlay_reference(image: Image.Image, labels: np.ndarray, num_classes: int, 
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 def png_bytes(arr: np.ndarray, level: int = 1) -> bytes:
@@ -350,8 +356,13 @@ def agnostic_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) ->
     return order[np.asarray(keep, dtype=np.intp)]
 
 
-def select_detections(scores: np.ndarray, score_threshold: float, max_detections: int,
-                      boxes: np.ndarray | None = None, nms_iou: float | None = None) -> np.ndarray:  # fmt: skip
+def select_detections(
+    scores: np.ndarray,
+    score_threshold: float,
+    max_detections: int,
+    boxes: np.ndarray | None = None,
+    nms_iou: float | None = None,
+) -> np.ndarray:
     """Indices of the detections kept: score >= threshold, then (with ``boxes`` and ``nms_iou``)
     class-agnostic NMS at ``nms_iou``, best first, at most ``max_detections``."""
     scores = scores.reshape(-1)

@@ -28,9 +28,18 @@ class _Source:
                 y, x = rng.integers(0, h - 20), rng.integers(0, w - 30)
                 masks[k, y : y + 20, x : x + 30] = 1
                 img[masks[k] > 0] = 200
-            boxes = [[float(np.nonzero(m.any(0))[0].min()), float(np.nonzero(m.any(1))[0].min()),
-                      float(np.nonzero(m.any(0))[0].max() + 1), float(np.nonzero(m.any(1))[0].max() + 1)] for m in masks]  # fmt: skip
-            self.items.append((Image.fromarray(img), {"boxes": boxes, "masks": masks, "labels": [1, 2, 3], "image_id": 1}))
+            boxes = [
+                [
+                    float(np.nonzero(m.any(0))[0].min()),
+                    float(np.nonzero(m.any(1))[0].min()),
+                    float(np.nonzero(m.any(0))[0].max() + 1),
+                    float(np.nonzero(m.any(1))[0].max() + 1),
+                ]
+                for m in masks
+            ]
+            self.items.append(
+                (Image.fromarray(img), {"boxes": boxes, "masks": masks, "labels": [1, 2, 3], "image_id": 1})
+            )
 
     def __len__(self) -> int:
         return len(self.items)

@@ -54,8 +54,16 @@ def test_boxes_and_masks_map_back_to_odd_canvases(width, height):
     """A rectangle on a W x H canvas is stretched to the 96 px input; a detection that covers it exactly in
     input pixels maps back onto it in canvas pixels (box within a pixel, mask within a pixel's rim)."""
     s = 96
-    spec = ImageSpec(size=s, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bicubic", patch_size=4,
-                     grid=(24, 24), num_patches=576, channels=3)  # fmt: skip
+    spec = ImageSpec(
+        size=s,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        interpolation="bicubic",
+        patch_size=4,
+        grid=(24, 24),
+        num_patches=576,
+        channels=3,
+    )
     x0, y0, x1, y1 = int(0.2 * width), int(0.3 * height), int(0.7 * width), int(0.9 * height)
     canvas = np.zeros((height, width, 3), np.uint8)
     canvas[y0:y1, x0:x1] = 255
@@ -65,8 +73,12 @@ def test_boxes_and_masks_map_back_to_odd_canvases(width, height):
     bright = arr[0] > 0  # (x - 0.5) / 0.25 > 0: brighter than mid grey, in input pixels
     ys, xs = np.nonzero(bright)
     box_in = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
-    outs = {"boxes": box_in, "labels": np.array([3]), "scores": np.array([0.9], np.float32),
-            "masks": bright[None, None].astype(np.float32)}  # fmt: skip
+    outs = {
+        "boxes": box_in,
+        "labels": np.array([3]),
+        "scores": np.array([0.9], np.float32),
+        "masks": bright[None, None].astype(np.float32),
+    }
     d = Decoded(arr, (width, height))
     res = detect_one(outs, d, ["bg", "a", "b", "c"], s, 0.5, 10, MaskFormat.rle, 0.5)
     assert res["width"] == width and res["height"] == height

@@ -44,7 +44,9 @@ SINGLE_GARMENT_FLOOR = 10.0  # exactly one detection of the right class ("half" 
 BACKGROUND_FRACTION_FLOOR = 95.0  # pixels of a garment-free noisy canvas labelled background
 MAX_DETECTIONS_PER_EMPTY_CANVAS = 0.5
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 
 def _skip_reason() -> str | None:
@@ -59,8 +61,10 @@ def _skip_reason() -> str | None:
         version = (entry.get("scenes") or {}).get("version")
         size = (entry.get("image") or {}).get("size", 0)
         if version != SCENE_VERSION or size < MIN_INPUT_SIZE:
-            return (f"{BUNDLE}: {task} head trained on scenes {version!r} at {size} px; the floors are for "
-                    f"{SCENE_VERSION!r} at >= {MIN_INPUT_SIZE} px (re-export with the v2 heads)")  # fmt: skip
+            return (
+                f"{BUNDLE}: {task} head trained on scenes {version!r} at {size} px; the floors are for "
+                f"{SCENE_VERSION!r} at >= {MIN_INPUT_SIZE} px (re-export with the v2 heads)"
+            )
     if not (Path(FMNIST_DIR) / "t10k-images-idx3-ubyte.gz").is_file():
         return f"Fashion-MNIST test split not installed at {FMNIST_DIR}"
     if importlib.util.find_spec("onnxruntime") is None:
@@ -98,7 +102,9 @@ def grey_scenes(tmp_path_factory) -> Path:
     gradient or textured background; canvases of many sizes and aspect ratios."""
     out = tmp_path_factory.mktemp("grey_scenes")
     v2 = S.PRESETS["v2"]
-    st = dataclasses.replace(v2, name="v2-grey", code=14, backgrounds=tuple((k, w) for k, w in v2.backgrounds if k != "black"))
+    st = dataclasses.replace(
+        v2, name="v2-grey", code=14, backgrounds=tuple((k, w) for k, w in v2.backgrounds if k != "black")
+    )
     S.generate_scenes(out, n_train=0, n_test=N_SCENES, seed=14, preset=st)
     return out
 

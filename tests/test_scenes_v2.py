@@ -1,5 +1,6 @@
 """The varied scene presets (issue 14): determinism, real variation, masks that stay right on non-black
-backgrounds, and a shifted preset that lies outside the v2 ranges. Fake Fashion-MNIST (tests/test_dense_data)."""
+backgrounds, and a shifted preset that lies outside the v2 ranges. Fake Fashion-MNIST
+(tests/helpers.make_fake_fmnist)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pycocotools.coco import COCO
 from tests.helpers import file_tree, load_png, make_fake_fmnist
 from training.dense import scenes as S
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,21 @@ def v2(tmp_path_factory, fake_fmnist) -> tuple[Path, dict]:
 
 def test_v2_is_deterministic_and_cli_matches(v2, fake_fmnist, tmp_path):
     out, _ = v2
-    S.main([str(tmp_path), "--train", "40", "--test", "6", "--seed", "1", "--preset", "v2", "--fmnist-root", str(fake_fmnist)])
+    S.main(
+        [
+            str(tmp_path),
+            "--train",
+            "40",
+            "--test",
+            "6",
+            "--seed",
+            "1",
+            "--preset",
+            "v2",
+            "--fmnist-root",
+            str(fake_fmnist),
+        ]
+    )
     assert file_tree(out) == file_tree(tmp_path)
 
 
@@ -55,8 +72,10 @@ def test_v2_varies_canvas_background_scale_and_count(v2):
     assert min(levels) < 8 and max(levels) > 40
     assert max(texture) > 5  # noise / gradients / textures, not only flat fills
     # garment scale: the longer box side over the shorter canvas side spans small and large
-    rel = [max(a["bbox"][2:]) / min(coco.imgs[a["image_id"]]["width"], coco.imgs[a["image_id"]]["height"])
-           for a in coco.dataset["annotations"]]  # fmt: skip
+    rel = [
+        max(a["bbox"][2:]) / min(coco.imgs[a["image_id"]]["width"], coco.imgs[a["image_id"]]["height"])
+        for a in coco.dataset["annotations"]
+    ]
     assert min(rel) < 0.15 and max(rel) > 0.45
 
 
@@ -66,8 +85,15 @@ def test_masks_are_the_garment_pixels_on_a_grey_background(fake_fmnist):
     from training.data import FashionMNIST
 
     ds = FashionMNIST(fake_fmnist, split="test")
-    st = S.SceneSettings(name="t", code=9, scale=((0.3, 0.5),), objects=(3, 3), disjoint_prob=1.0,
-                         backgrounds=(("flat", 1.0),), level=((0.4, 0.4),))  # fmt: skip
+    st = S.SceneSettings(
+        name="t",
+        code=9,
+        scale=((0.3, 0.5),),
+        objects=(3, 3),
+        disjoint_prob=1.0,
+        backgrounds=(("flat", 1.0),),
+        level=((0.4, 0.4),),
+    )
     rng = np.random.default_rng(0)
     canvas, objects = S.compose_varied(ds.images, ds.labels, 90, 130, 3, st, rng)
     assert canvas.shape == (90, 130) and len(objects) >= 2
@@ -99,7 +125,12 @@ def test_written_masks_agree_with_label_maps_on_non_black_scenes(v2):
             assert not (rebuilt[m] > 0).any()  # visible masks never overlap
             rebuilt[m] = a["category_id"]
             ys, xs = np.nonzero(m)
-            assert a["bbox"] == [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+            assert a["bbox"] == [
+                float(xs.min()),
+                float(ys.min()),
+                float(xs.max() - xs.min() + 1),
+                float(ys.max() - ys.min() + 1),
+            ]
         assert (rebuilt == lab).all()
     assert grey >= 1
 

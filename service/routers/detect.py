@@ -107,10 +107,21 @@ async def detect(
     decoded, outputs, t1 = sub.decoded, sub.output, sub.decoded_at
     t2 = time.perf_counter()
     size = bundle.image_for(TASK).size
-    nms_iou = bundle.spec["tasks"][TASK].get("nms_iou_threshold")  # class-agnostic NMS; absent: off (older bundles)
+    nms_iou = bundle.spec["tasks"][TASK].get(
+        "nms_iou_threshold"
+    )  # class-agnostic NMS; absent: off (older bundles)
     calls = [
-        functools.partial(detect_one, o, d, classes, size, score_threshold, max_detections, masks,
-                          None if nms_iou is None else float(nms_iou))  # fmt: skip
+        functools.partial(
+            detect_one,
+            o,
+            d,
+            classes,
+            size,
+            score_threshold,
+            max_detections,
+            masks,
+            None if nms_iou is None else float(nms_iou),
+        )
         for o, d in zip(outputs, decoded, strict=True)
     ]
     results = await in_pool(runtime, deadline, "post-processing", calls)

@@ -25,8 +25,8 @@ Rules (the constants below):
 Layout under ``out_dir``::
 
     ade/images/{training,validation}/scene_<split>_<i>.png       RGB (gray replicated)
-    ade/annotations/{training,validation}/scene_<split>_<i>.png  "L" label maps: 0 background,
-                                                                 k+1 Fashion-MNIST class k, 255 ignore (reserved)
+    ade/annotations/{training,validation}/scene_<split>_<i>.png  "L" label maps: 0 background, k+1
+                                                                 Fashion-MNIST class k, 255 ignore
     coco/annotations/instances_{train,val}.json                  COCO instances (RLE masks, xywh boxes)
     scenes.json                                                  arguments, class names, counts
 
@@ -127,7 +127,10 @@ def compose_scene(
                 continue
             # What each earlier object would still show once this one is drawn on top.
             kept = np.bincount(owner[~mask] + 1, minlength=len(sources) + 1)[1:]
-            if all(k >= max(MIN_VISIBLE_FRACTION * a, MIN_VISIBLE_PIXELS) for k, a in zip(kept, full_areas, strict=True)):
+            if all(
+                k >= max(MIN_VISIBLE_FRACTION * a, MIN_VISIBLE_PIXELS)
+                for k, a in zip(kept, full_areas, strict=True)
+            ):
                 break
         else:
             continue  # no acceptable placement: this scene gets one object fewer
@@ -176,20 +179,51 @@ class SceneSettings:
 PRESETS: dict[str, SceneSettings] = {
     "v1": SceneSettings(name="v1", code=0),
     "v2": SceneSettings(
-        name="v2", code=2, side=((48.0, 256.0),), aspect=((0.75, 1.333),), scale=((0.1, 0.67),), objects=(1, 6),
-        disjoint_prob=0.5, min_garment_px=8, min_visible_px=12,
-        backgrounds=(("black", 0.2), ("flat", 0.2), ("noise", 0.2), ("gradient", 0.2), ("stripes", 0.1), ("blobs", 0.1)),
-        level=((0.0, 0.35),), noise=((0.01, 0.09),), texture_amp=((0.02, 0.08),),
-        garment_contrast=(0.6, 1.15), garment_gamma=(0.7, 1.5),
-        brightness=(-0.06, 0.06), contrast=(0.8, 1.2), gamma=(0.8, 1.25),
+        name="v2",
+        code=2,
+        side=((48.0, 256.0),),
+        aspect=((0.75, 1.333),),
+        scale=((0.1, 0.67),),
+        objects=(1, 6),
+        disjoint_prob=0.5,
+        min_garment_px=8,
+        min_visible_px=12,
+        backgrounds=(
+            ("black", 0.2),
+            ("flat", 0.2),
+            ("noise", 0.2),
+            ("gradient", 0.2),
+            ("stripes", 0.1),
+            ("blobs", 0.1),
+        ),
+        level=((0.0, 0.35),),
+        noise=((0.01, 0.09),),
+        texture_amp=((0.02, 0.08),),
+        garment_contrast=(0.6, 1.15),
+        garment_gamma=(0.7, 1.5),
+        brightness=(-0.06, 0.06),
+        contrast=(0.8, 1.2),
+        gamma=(0.8, 1.25),
     ),
     "shifted": SceneSettings(
-        name="shifted", code=3, side=((288.0, 512.0),), aspect=((0.5, 0.75), (1.333, 2.0)),
-        scale=((0.06, 0.1), (0.67, 0.8)), objects=(1, 6), disjoint_prob=0.5, min_garment_px=8, min_visible_px=12,
+        name="shifted",
+        code=3,
+        side=((288.0, 512.0),),
+        aspect=((0.5, 0.75), (1.333, 2.0)),
+        scale=((0.06, 0.1), (0.67, 0.8)),
+        objects=(1, 6),
+        disjoint_prob=0.5,
+        min_garment_px=8,
+        min_visible_px=12,
         backgrounds=(("flat", 0.25), ("noise", 0.25), ("gradient", 0.25), ("checker", 0.25)),
-        level=((0.36, 0.5),), noise=((0.1, 0.14),), texture_amp=((0.09, 0.12),),
-        garment_contrast=(0.6, 1.15), garment_gamma=(0.7, 1.5),
-        brightness=(-0.06, 0.06), contrast=(0.8, 1.2), gamma=(0.8, 1.25),
+        level=((0.36, 0.5),),
+        noise=((0.1, 0.14),),
+        texture_amp=((0.09, 0.12),),
+        garment_contrast=(0.6, 1.15),
+        garment_gamma=(0.7, 1.5),
+        brightness=(-0.06, 0.06),
+        contrast=(0.8, 1.2),
+        gamma=(0.8, 1.25),
     ),
 }
 
@@ -219,7 +253,9 @@ def background(kind: str, height: int, width: int, st: SceneSettings, rng: np.ra
     elif kind == "stripes":
         period = rng.uniform(4.0, 24.0)
         a = rng.uniform(0, np.pi)
-        bg = level + _draw(st.texture_amp, rng) * np.sin(2 * np.pi * (np.cos(a) * xx + np.sin(a) * yy) / period)
+        bg = level + _draw(st.texture_amp, rng) * np.sin(
+            2 * np.pi * (np.cos(a) * xx + np.sin(a) * yy) / period
+        )
     elif kind == "blobs":  # smooth low-frequency noise: a coarse random grid, bilinearly upsampled
         cells = rng.standard_normal((int(rng.integers(3, 9)), int(rng.integers(3, 9)))).astype(np.float32)
         up = np.asarray(Image.fromarray(cells, mode="F").resize((width, height), Image.Resampling.BILINEAR))
@@ -236,7 +272,12 @@ def background(kind: str, height: int, width: int, st: SceneSettings, rng: np.ra
 
 
 def compose_varied(
-    images: np.ndarray, labels: np.ndarray, height: int, width: int, n_objects: int, st: SceneSettings,
+    images: np.ndarray,
+    labels: np.ndarray,
+    height: int,
+    width: int,
+    n_objects: int,
+    st: SceneSettings,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, list[SceneObject]]:
     """A non-v1 scene: (uint8 [height, width] canvas, objects). Masks come from the resized garments
@@ -266,17 +307,24 @@ def compose_varied(
                     continue
                 break
             kept = np.bincount(owner[~mask] + 1, minlength=len(sources) + 1)[1:]
-            if all(k >= max(MIN_VISIBLE_FRACTION * a, st.min_visible_px) for k, a in zip(kept, full_areas, strict=True)):
+            if all(
+                k >= max(MIN_VISIBLE_FRACTION * a, st.min_visible_px)
+                for k, a in zip(kept, full_areas, strict=True)
+            ):
                 break
         else:
             continue
-        g = (garment.astype(np.float32) / 255.0) ** rng.uniform(*st.garment_gamma) * rng.uniform(*st.garment_contrast)
+        g = (garment.astype(np.float32) / 255.0) ** rng.uniform(*st.garment_gamma) * rng.uniform(
+            *st.garment_contrast
+        )
         region = canvas[y0 : y0 + side, x0 : x0 + side]
         region[gmask] = np.clip(g[gmask], 0.0, 1.0)
         owner[mask] = len(sources)
         sources.append(j)
         full_areas.append(area)
-    canvas = np.clip(canvas, 0.0, 1.0) ** rng.uniform(*st.gamma) * rng.uniform(*st.contrast) + rng.uniform(*st.brightness)
+    canvas = np.clip(canvas, 0.0, 1.0) ** rng.uniform(*st.gamma) * rng.uniform(*st.contrast) + rng.uniform(
+        *st.brightness
+    )
     objects = [
         SceneObject(source_index=j, label=int(labels[j]), mask=owner == k, full_area=full_areas[k])
         for k, j in enumerate(sources)
@@ -303,7 +351,10 @@ def _load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     ds = FashionMNIST(root, split=split)
     images, labels = ds.images, ds.labels
     if images.ndim != 3 or images.dtype != np.uint8 or len(images) == 0:
-        raise DataError(f"{root}: {split} images must be a non-empty uint8 [N, H, W] array, got {images.dtype} {images.shape}")
+        raise DataError(
+            f"{root}: {split} images must be a non-empty uint8 [N, H, W] array, "
+            f"got {images.dtype} {images.shape}"
+        )
     if labels.min() < 0 or labels.max() >= len(FMNIST_CLASSES):
         raise DataError(f"{root}: {split} labels outside 0..{len(FMNIST_CLASSES) - 1}")
     return images, labels
@@ -311,7 +362,9 @@ def _load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
     # Fixed separators and key order: part of the byte-identical output guarantee.
-    text = json.dumps(obj, indent=indent, separators=(",", ": ") if indent else (",", ":"), ensure_ascii=False)
+    text = json.dumps(
+        obj, indent=indent, separators=(",", ": ") if indent else (",", ":"), ensure_ascii=False
+    )
     path.write_text(text + "\n", encoding="utf-8")
 
 
@@ -349,7 +402,8 @@ def _generate_split(
                 break
         else:
             raise RuntimeError(
-                f"{split} scene {i}: could not place {min_objects} garments on a {width}x{height} canvas in {SCENE_TRIES} tries"
+                f"{split} scene {i}: could not place {min_objects} garments on a {width}x{height} canvas "
+                f"in {SCENE_TRIES} tries"
             )
         label_map = np.zeros((height, width), dtype=np.uint8)
         for obj in objects:
@@ -437,7 +491,9 @@ def generate_scenes(
     ours = [out / "ade", out / "coco", out / "scenes.json"]
     existing = [p for p in ours if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out}: already holds {[p.name for p in existing]} (pass overwrite=True / --overwrite)")
+        raise FileExistsError(
+            f"{out}: already holds {[p.name for p in existing]} (pass overwrite=True / --overwrite)"
+        )
     for p in existing:  # only our own outputs, never anything else under out_dir
         if p.is_dir():
             shutil.rmtree(p)
@@ -486,14 +542,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--train", type=int, default=10000, help="number of train scenes")
     p.add_argument("--test", type=int, default=2000, help="number of test (validation) scenes")
-    p.add_argument("--size", type=int, default=None,
-                   help="fixed square canvas side in pixels (default: 64 for v1, the preset's range otherwise)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="fixed square canvas side in pixels (default: 64 for v1, the preset's range otherwise)",
+    )
     p.add_argument("--min-objects", type=int, default=None, help="default: the preset's (v1: 2)")
     p.add_argument("--max-objects", type=int, default=None, help="default: the preset's (v1: 4)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="v1",
-                   help="v1: the original black 64-px scenes; v2: varied; shifted: outside v2's ranges")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="v1",
+        help="v1: the original black 64-px scenes; v2: varied; shifted: outside v2's ranges",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fmnist-root", type=Path, default=FMNIST_DIR, help="folder with the Fashion-MNIST idx files")
+    p.add_argument(
+        "--fmnist-root", type=Path, default=FMNIST_DIR, help="folder with the Fashion-MNIST idx files"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing ade/, coco/ and scenes.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -510,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         preset=args.preset,
     )
     for split, s in summary["splits"].items():
-        _logger.info("%s: %d images, %d objects, per class %s", split, s["images"], s["objects"], s["class_histogram"])
+        _logger.info(
+            "%s: %d images, %d objects, per class %s", split, s["images"], s["objects"], s["class_histogram"]
+        )
     return summary
 
 
