@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             def go() -> None:
                 for i in keep:
                     full = np.zeros((args.height, args.width), bool)
-                    for r, chunk in dense._resized_rows(
+                    for r, chunk in dense.resized_rows(
                         outs["masks"][i].reshape(1, *outs["masks"][i].shape[-2:]), args.height, args.width
                     ):
                         full[r] = chunk[0] > dense.MASK_THRESHOLD

@@ -45,7 +45,7 @@ def _axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i0, i1, (src - i0).astype(np.float32)
 
 
-def _resized_rows(x: np.ndarray, height: int, width: int) -> Any:
+def resized_rows(x: np.ndarray, height: int, width: int) -> Any:
     """Yield ``(row slice, [C, rows, width] float32)``: ``x`` [C, h, w] resized bilinearly, in chunks."""
     c, h, w = x.shape
     x = x.astype(np.float32, copy=False)
@@ -66,7 +66,7 @@ def label_map(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     corners: an output pixel's logits are a convex combination of its four source pixels' logits, so
     when those four share their argmax, it is the pixel's argmax too (``sum w_i l_i[c] >= sum w_i l_i[k]``).
     Such "uniform" cells are filled from the low-resolution argmax; the rest (class boundaries, a small
-    fraction of a photo) are resized and argmaxed with the same float32 operations as ``_resized_rows``."""
+    fraction of a photo) are resized and argmaxed with the same float32 operations as ``resized_rows``."""
     c, h, w = logits.shape
     dtype = np.uint8 if c <= 256 else np.uint16
     x = logits.astype(np.float32, copy=False)
@@ -94,7 +94,7 @@ def label_map(logits: np.ndarray, height: int, width: int) -> np.ndarray:
             continue
         a1 = int(r1[y0])
         cc0, cc1, ccw = c0[cols], c1[cols], cw[cols]
-        top = x[:, a, cc0] * (1.0 - ccw) + x[:, a, cc1] * ccw  # [C, n]: as xw[:, a] in _resized_rows
+        top = x[:, a, cc0] * (1.0 - ccw) + x[:, a, cc1] * ccw  # [C, n]: as xw[:, a] in resized_rows
         bot = x[:, a1, cc0] * (1.0 - ccw) + x[:, a1, cc1] * ccw
         wy = rw[y0:y1, None]
         out[y0:y1, cols] = (top[:, None, :] * (1.0 - wy) + bot[:, None, :] * wy).argmax(axis=0)
@@ -105,7 +105,7 @@ def label_map_reference(logits: np.ndarray, height: int, width: int) -> np.ndarr
     """``label_map`` computed everywhere (the definition; tests compare the two)."""
     c = logits.shape[0]
     out = np.empty((height, width), dtype=np.uint8 if c <= 256 else np.uint16)
-    for rows, chunk in _resized_rows(logits, height, width):
+    for rows, chunk in resized_rows(logits, height, width):
         out[rows] = chunk.argmax(axis=0)
     return out
 
@@ -116,7 +116,7 @@ def mask_window(
     """The part of ``resize_mask`` that can be set: ``(y0, x0, crop)`` with ``crop`` the binary mask of
     rows ``y0..`` and columns ``x0..`` of the [height, width] result (zero outside). An output pixel can
     exceed the threshold only if one of its four source pixels does, so only those pixels are resized,
-    with the same float32 operations as ``_resized_rows``."""
+    with the same float32 operations as ``resized_rows``."""
     p: np.ndarray = prob.reshape(prob.shape[-2:]).astype(np.float32, copy=False)
     h, w = p.shape
     hot: np.ndarray = p > threshold

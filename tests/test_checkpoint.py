@@ -263,7 +263,7 @@ def test_convert_cli(tmp_path):
 
 def test_sniff_safetensors_whose_header_length_starts_with_0x80(tmp_path):
     """A safetensors header length with low byte 0x80 must not be mistaken for a pickle opcode."""
-    from training.models.checkpoint import _sniff
+    from training.models.checkpoint import sniff_format
 
     model = perturbed(CAEConfig(**tiny_overrides()))
     for pad in range(300):  # vary the metadata length until the header length's low byte is 0x80
@@ -272,5 +272,5 @@ def test_sniff_safetensors_whose_header_length_starts_with_0x80(tmp_path):
             break
     else:
         pytest.skip("could not produce a 0x80 header length")
-    assert _sniff(path) == "safetensors"
+    assert sniff_format(path) == "safetensors"
     assert_same_outputs(model, load_model(path))

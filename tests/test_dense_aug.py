@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.dense.samples import Augment
+from training.dense.samples import Augment, mask_boxes
 from training.dense.samples import DetSamples as _DetData
 from training.dense.samples import SegTransform as _SegTransform
-from training.dense.samples import mask_boxes as _mask_boxes
 
 
 class _Source:
@@ -52,7 +51,7 @@ def test_mask_boxes_are_tight():
     m = torch.zeros(2, 10, 12, dtype=torch.uint8)
     m[0, 2:5, 3:9] = 1
     m[1, 0, 0] = 1
-    assert _mask_boxes(m).tolist() == [[3.0, 2.0, 9.0, 5.0], [0.0, 0.0, 1.0, 1.0]]
+    assert mask_boxes(m).tolist() == [[3.0, 2.0, 9.0, 5.0], [0.0, 0.0, 1.0, 1.0]]
 
 
 def test_detection_crop_keeps_boxes_on_masks_and_jitter_in_range():
@@ -65,7 +64,7 @@ def test_detection_crop_keeps_boxes_on_masks_and_jitter_in_range():
             assert x.shape == (3, 96, 96) and float(x.min()) >= 0 and float(x.max()) <= 1
             assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"]) >= 1
             # boxes scale continuously, masks by nearest: equal within one source pixel (<= 96 / 42 px)
-            assert torch.allclose(t["boxes"], _mask_boxes(t["masks"]), atol=2.5)
+            assert torch.allclose(t["boxes"], mask_boxes(t["masks"]), atol=2.5)
     x1, t1 = ds[0]
     x2, t2 = ds[0]
     assert torch.equal(x1, x2) and torch.equal(t1["boxes"], t2["boxes"])  # seeded by (seed, epoch, index)

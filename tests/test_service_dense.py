@@ -378,9 +378,9 @@ def test_mask_window_rle_and_png_equal_the_full_mask() -> None:
                 y, x = rng.integers(0, 32, 2)
                 prob[0, y : y + rng.integers(1, 12), x : x + rng.integers(1, 12)] = rng.uniform(0.3, 1.0)
             full = np.zeros((height, width), bool)
-            from service.dense import _resized_rows
+            from service.dense import resized_rows
 
-            for rows, chunk in _resized_rows(prob, height, width):
+            for rows, chunk in resized_rows(prob, height, width):
                 full[rows] = chunk[0] > 0.5
             y0, x0, crop = mask_window(prob, height, width)
             assert np.array_equal(resize_mask(prob, height, width), full)

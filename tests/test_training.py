@@ -321,12 +321,12 @@ def test_dalle_target_without_weights_is_a_clear_error(tmp_path, image_folder):
 
 
 def test_checkpoint_pruning_keeps_epoch_ends(tmp_path):
-    from training.checkpointing import prune_checkpoints as _prune_checkpoints
+    from training.checkpointing import prune_checkpoints
 
     names = ["0000-000100", "0000-000234", "0001-000100", "0001-000234", "0002-000100", "0002-000200"]
     for n in names:
         (tmp_path / f"checkpoint-{n}.pth").write_bytes(b"x")
-    _prune_checkpoints(tmp_path, steps_per_epoch=234, keep_last=2)
+    prune_checkpoints(tmp_path, steps_per_epoch=234, keep_last=2)
     left = sorted(p.stem[len("checkpoint-") :] for p in tmp_path.glob("checkpoint-*.pth"))
     assert left == ["0000-000234", "0001-000234", "0002-000200"]
 

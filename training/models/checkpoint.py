@@ -84,7 +84,7 @@ def file_mode() -> int:
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of one of our safetensors files ({} for foreign files)."""
     path = Path(path)
-    if _sniff(path) != "safetensors":
+    if sniff_format(path) != "safetensors":
         return {}
     from safetensors import safe_open
 
@@ -508,7 +508,8 @@ def _interpret(
     return cfg, sd, info
 
 
-def _sniff(path: Path) -> str:
+def sniff_format(path: Path) -> str:
+    """What a checkpoint file is, from its first bytes: "safetensors" or "torch" (zip or legacy pickle)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
@@ -538,7 +539,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
     ``overrides`` set config fields (for example ``num_heads`` when a foreign file cannot tell it).
     """
     path = Path(path)
-    kind = _sniff(path)
+    kind = sniff_format(path)
     if kind == "safetensors":
         model = _load_ours(path, overrides)
     else:
