@@ -213,6 +213,8 @@ def test_training_writes_metrics_model_and_pngs(trained):
             run / "predictions-0001.png"
         ).stat().st_size > 0
         assert json.loads((run / "config.json").read_text())["task"] == task
+        # as readable as its neighbours (safetensors alone writes 0600)
+        assert trained[task].stat().st_mode & 0o777 == (run / "results.json").stat().st_mode & 0o777
         model, cfg, pre, classes = load_dense_model(trained[task])
         assert (
             cfg.task == task and classes[0] == "background" and len(classes) == 11 and pre["img_size"] == 32

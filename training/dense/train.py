@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..config import ConfigError, build_dataclass
-from ..files import atomic_torch_save
+from ..files import atomic_path, atomic_torch_save
 from ..models.cae import CAE, CAEConfig
+from ..models.checkpoint import file_mode
 from ..optim import cosine_lr, finetune_param_groups
 from ..preprocess import Preprocessing, PreprocessingError
 from ..runtime import autocast, resolve_device, resolve_precision, seed_everything
@@ -385,20 +387,22 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
 
     final = out / f"{cfg.task}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(
-        state,
-        str(final),
-        metadata={
-            "format": "cae-dense",
-            "task": cfg.task,
-            "dense_config": json.dumps(cfg.to_dict()),
-            "classes": json.dumps(classes),
-            "preprocess": json.dumps(pre),
-            "encoder": encoder_id,
-            "encoder_config": json.dumps(cae.cfg.to_dict()),
-            "metrics": json.dumps({k: v for k, v in best.items() if k != "per_class_iou"}),
-        },
-    )
+    with atomic_path(final) as tmp:
+        save_file(
+            state,
+            str(tmp),
+            metadata={
+                "format": "cae-dense",
+                "task": cfg.task,
+                "dense_config": json.dumps(cfg.to_dict()),
+                "classes": json.dumps(classes),
+                "preprocess": json.dumps(pre),
+                "encoder": encoder_id,
+                "encoder_config": json.dumps(cae.cfg.to_dict()),
+                "metrics": json.dumps({k: v for k, v in best.items() if k != "per_class_iou"}),
+            },
+        )
+        os.chmod(tmp, file_mode())  # safetensors writes 0600; a model file is as readable as its neighbours
     result = {
         "task": cfg.task,
         "model": str(final),
