@@ -30,7 +30,8 @@ _logger = logging.getLogger("triton_client")
 
 def preprocess(data: bytes, bundle_dir: str | Path, label: str = "image") -> tuple[np.ndarray, dict]:
     """The service's preprocessing -> float32 [1, C, S, S], and the embed task's spec entry."""
-    bundle = load_bundle(bundle_dir, verify=False)  # only spec.json is read: the graphs live in Triton
+    # only spec.json is read: the graphs (and their weights.bin) live in Triton's version folders
+    bundle = load_bundle(bundle_dir, verify=False, spec_only=True)
     s = Settings()
     configure_pillow(s.max_pixels)
     x = Preprocessor(bundle.image, Limits(s.max_pixels, s.min_side))(data, label)

@@ -182,8 +182,11 @@ def verify_files(path: Path, spec: dict[str, Any]) -> None:
             )
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read ``spec.json`` in ``path``, validate it and (``verify``) check every file's sha256."""
+def load_bundle(path: str | Path, verify: bool = True, spec_only: bool = False) -> Bundle:
+    """Read ``spec.json`` in ``path``, validate it and (``verify``) check every file's sha256.
+
+    ``spec_only``: no file beside ``spec.json`` is looked at (for a client that only needs the
+    preprocessing, e.g. of a Triton model directory whose graphs live in version subfolders)."""
     path = Path(path)
     spec_path = path / "spec.json"
     if not spec_path.is_file():
@@ -241,6 +244,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
             raise BundleError(f"{spec_path}: tasks.{t} needs 'classes' (index = label id, 0 = background)")
     if image.grid[0] * image.grid[1] != image.num_patches or image.grid[0] * image.patch_size != image.size:
         raise BundleError(f"{spec_path}: image grid, patch size and size disagree")
+    if spec_only:
+        return bundle
     if verify:
         verify_files(path, spec)
     else:
