@@ -15,7 +15,9 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write",
     "cached_sha256_file",
+    "file_mode",
     "save_npy_atomic",
+    "save_safetensors_atomic",
     "sha256_file",
     "write_json_atomic",
     "write_text_atomic",
@@ -55,6 +57,25 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (0644 under the usual 022)."""
+    current = os.umask(0)
+    os.umask(current)
+    return 0o666 & ~current
+
+
+def save_safetensors_atomic(
+    tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None, *, fsync: bool = False
+) -> None:
+    """``safetensors.torch.save_file`` through :func:`atomic_path`, with the umask's mode: safetensors
+    alone writes 0600, and a model file should be as readable as its neighbours."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path, fsync=fsync) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, file_mode())
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..config import ConfigError, build_dataclass
-from ..files import atomic_path, atomic_torch_save
+from ..files import atomic_torch_save, save_safetensors_atomic
 from ..models.cae import CAE, CAEConfig
-from ..models.checkpoint import file_mode
 from ..optim import cosine_lr, finetune_param_groups
 from ..preprocess import Preprocessing, PreprocessingError
 from ..runtime import autocast, resolve_device, resolve_precision, seed_everything
@@ -142,7 +140,6 @@ def _max_label(ds: Any) -> int:
 
 def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train a segmentation or detection head (with the encoder, layer-wise lr decay) and evaluate it."""
-    from safetensors.torch import save_file
 
     from ..viz import plot_loss_curve
 
@@ -387,22 +384,21 @@ def train_dense(cfg: DenseConfig, output_dir: str | Path, resume: bool = False) 
 
     final = out / f"{cfg.task}.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(final) as tmp:
-        save_file(
-            state,
-            str(tmp),
-            metadata={
-                "format": "cae-dense",
-                "task": cfg.task,
-                "dense_config": json.dumps(cfg.to_dict()),
-                "classes": json.dumps(classes),
-                "preprocess": json.dumps(pre),
-                "encoder": encoder_id,
-                "encoder_config": json.dumps(cae.cfg.to_dict()),
-                "metrics": json.dumps({k: v for k, v in best.items() if k != "per_class_iou"}),
-            },
-        )
-        os.chmod(tmp, file_mode())  # safetensors writes 0600; a model file is as readable as its neighbours
+    save_safetensors_atomic(
+        state,
+        final,
+        metadata={
+            "format": "cae-dense",
+            "task": cfg.task,
+            "dense_config": json.dumps(cfg.to_dict()),
+            "classes": json.dumps(classes),
+            "preprocess": json.dumps(pre),
+            "encoder": encoder_id,
+            "encoder_config": json.dumps(cae.cfg.to_dict()),
+            "metrics": json.dumps({k: v for k, v in best.items() if k != "per_class_iou"}),
+        },
+        fsync=True,
+    )
     result = {
         "task": cfg.task,
         "model": str(final),

@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..files import atomic_path, sha256_file
+from ..files import save_safetensors_atomic, sha256_file
 from .cae import CAE, CAEConfig
 from .registry import official_num_heads
 
@@ -57,8 +56,6 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------- ours
 def save_model(model: CAE, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model`` to ``path`` in our safetensors format (atomically: temp file, then rename)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -68,17 +65,8 @@ def save_model(model: CAE, path: str | Path, metadata: Mapping[str, str] | None 
         "config": json.dumps(model.cfg.to_dict(), sort_keys=True),
         **{str(k): str(v) for k, v in (metadata or {}).items()},
     }
-    with atomic_path(path, fsync=False) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-        os.chmod(tmp, file_mode())  # safetensors writes 0600; a model file is as readable as its neighbours
+    save_safetensors_atomic(state, path, meta)
     return path
-
-
-def file_mode() -> int:
-    """The mode ``open()`` gives a new file under the current umask (0644 under the usual 022)."""
-    current = os.umask(0)
-    os.umask(current)
-    return 0o666 & ~current
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
