@@ -34,7 +34,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_tokenizer(args: argparse.Namespace) -> int:
-    from training.tokenizers.dalle import DalleWeightsError, convert_openai_encoder
+    from training.tokenizers import DalleWeightsError, convert_openai_encoder
 
     try:
         convert_openai_encoder(args.src, args.dst)

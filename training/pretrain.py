@@ -248,21 +248,24 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
             rt.amp_dtype or "fp32",
         )
 
+    def checkpoint(epoch: int, step: int) -> None:
+        save_checkpoint(
+            out_dir,
+            wrapped,
+            optimizer,
+            scaler,
+            cfg,
+            epoch,
+            step,
+            steps_per_epoch,
+            cfg.runtime.keep_last,
+            instance_head,
+        )
+
     def on_step(epoch: int, step: int) -> None:
         every = cfg.runtime.save_every_steps
         if every and step % every == 0 and step < steps_per_epoch and rt.is_main:
-            save_checkpoint(
-                out_dir,
-                wrapped,
-                optimizer,
-                scaler,
-                cfg,
-                epoch,
-                step,
-                steps_per_epoch,
-                cfg.runtime.keep_last,
-                instance_head,
-            )
+            checkpoint(epoch, step)
 
     from .viz import plot_loss_curve, save_reconstruction_grid
 
@@ -309,18 +312,7 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
         stopped_early = done_steps < steps_per_epoch
         last = epoch == cfg.optim.epochs - 1
         if rt.is_main and (stopped_early or last or (epoch + 1) % cfg.runtime.save_every_epochs == 0):
-            save_checkpoint(
-                out_dir,
-                wrapped,
-                optimizer,
-                scaler,
-                cfg,
-                epoch,
-                done_steps,
-                steps_per_epoch,
-                cfg.runtime.keep_last,
-                instance_head,
-            )
+            checkpoint(epoch, done_steps)
         if rt.is_main:
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
             if model.cfg.target == "pixel" and (

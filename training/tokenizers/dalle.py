@@ -29,41 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from ..files import atomic_path, sha256_file
-from .dvae import (
-    LOGIT_LAPLACE_EPS,
+from .dvae import (  # the model lives in dvae.py; this module only converts the pickle
     SAFETENSORS_CONTENT,
-    DalleConv2d,
-    DalleEncoder,
-    DalleEncoderBlock,
-    DalleEncoderConfig,
-    DalleSecondView,
-    DalleTokenizer,
     DalleWeightsError,
     UnsafePickleError,
     build_encoder,
-    infer_encoder_config,
-    map_pixels,
     read_safetensors,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "LOGIT_LAPLACE_EPS",
-    "DalleConv2d",
-    "DalleEncoder",
-    "DalleEncoderBlock",
-    "DalleEncoderConfig",
-    "DalleSecondView",
-    "DalleTokenizer",
-    "DalleWeightsError",
-    "UnsafePickleError",
-    "convert_openai_encoder",
-    "infer_encoder_config",
-    "load_encoder_state_dict",
-    "main",
-    "map_pixels",
-]
+__all__ = ["convert_openai_encoder", "load_encoder_state_dict", "main"]
 
 
 class _PickledModuleStandIn:
