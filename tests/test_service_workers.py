@@ -63,6 +63,11 @@ def test_two_processes_share_the_port_and_drain_on_sigterm(tiny_bundle: TinyBund
             time.sleep(0.3)
         kids = _children(proc.pid)
         assert len(kids) == 2, kids
+        # one process answering /readyz says nothing of the other (a socket takes connections only once its
+        # uvicorn listens): wait for both startups in the log, each from the pinned selection, none re-timed
+        while log.read_text().count("Application startup complete") < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
         for _ in range(3):  # both processes must come up; then every fresh connection is answered
             ready = 0
             for _ in range(20):
