@@ -98,6 +98,7 @@ def test_protocol_results(assets: dict[str, Path], protocol: str) -> None:
         {"feature"}
         | ({"baseline_pixels"} if frozen_vectors else set())
         | ({"budget_2x"} if protocol == "linear" else set())
+        | ({"curve"} if protocol == "finetune" else set())
     )
     assert set(r) == RESULT_KEYS | extra
     if frozen_vectors:  # the raw-pixel baseline by the same code, on the same split
@@ -116,6 +117,45 @@ def test_protocol_results(assets: dict[str, Path], protocol: str) -> None:
     if protocol == "finetune":
         assert r["features_cached"] is None and np.isfinite(r["train_loss"])
         assert r["params"]["layer_decay"] == 0.65 and r["params"]["epochs"] == 1
+        assert [c["epoch"] for c in r["curve"]] == [1] and r["curve"][-1]["top1"] == r["top1"]
+
+
+def test_finetune_resumes_a_cut_run_exactly(assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run cut after its first epoch's checkpoint, resumed, ends where the uninterrupted one does: same
+    weights, curve and numbers; the checkpoint refuses another recipe and a second run on top of it."""
+    from training.evaluation import finetune as ft
+
+    over = ["epochs=2", "batch_size=16", "log_every=2", "limit_test=15", "threads=1"]
+    whole = _eval(assets, "finetune", overrides=over, output_dir=assets["root"] / "ft-whole")
+    assert [c["epoch"] for c in whole["curve"]] == [1, 2] and "resumed_at_epoch" not in whole
+    cut_dir = assets["root"] / "ft-cut"
+    real_save = ft.atomic_torch_save
+
+    def save_then_die(obj: object, path: Path) -> None:
+        real_save(obj, path)
+        raise KeyboardInterrupt  # the session ends right after the first epoch's checkpoint
+
+    monkeypatch.setattr(ft, "atomic_torch_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _eval(assets, "finetune", overrides=over, output_dir=cut_dir)
+    monkeypatch.setattr(ft, "atomic_torch_save", real_save)
+    with pytest.raises(E.EvalError, match="pass --resume"):
+        _eval(assets, "finetune", overrides=over, output_dir=cut_dir)
+    with pytest.raises(E.EvalError, match=r"another fine-tuning run \(differs in: params.lr\)"):
+        _eval(assets, "finetune", overrides=[*over, "lr=0.01"], output_dir=cut_dir, resume=True)
+    resumed = _eval(assets, "finetune", overrides=over, output_dir=cut_dir, resume=True)
+    assert resumed["resumed_at_epoch"] == 1
+    assert resumed["curve"] == whole["curve"] and resumed["train_loss"] == whole["train_loss"]
+    a = torch.load(assets["root"] / "ft-whole" / ft.FINETUNE_CHECKPOINT, weights_only=False)["model"]
+    b = torch.load(cut_dir / ft.FINETUNE_CHECKPOINT, weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("result.json", "metrics.jsonl", "finetune_curve.png", "finetune_loss.png"):
+        assert (cut_dir / name).stat().st_size > 0, name
+    steps = [json.loads(line)["step"] for line in (cut_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the resumed run's records follow the cut one's, none twice
+    assert json.loads((cut_dir / "result.json").read_text())["top1"] == resumed["top1"]
+    with pytest.raises(E.EvalError, match="needs protocol finetune"):
+        _eval(assets, "knn", output_dir=cut_dir, resume=True)
 
 
 def test_cache_is_reused(assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

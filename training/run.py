@@ -63,6 +63,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
             seed=args.seed,
             device=args.device,
+            output_dir=args.output_dir,
+            resume=args.resume,
         )
     except EvalError as e:
         _logger.error("%s", e)
@@ -201,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object with the metrics (incl. top1)")
+    e.add_argument(
+        "--output-dir", default=None,
+        help="write result.json here; finetune also checkpoints each epoch and writes metrics and PNGs",
+    )  # fmt: skip
+    e.add_argument("--resume", action="store_true", help="finetune: continue the run in --output-dir")
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("scenes", help="write the Fashion-MNIST scenes benchmark (ADE20K and COCO layouts)")

@@ -52,6 +52,41 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     return out_path
 
 
+def plot_eval_curve(curve: list[dict[str, Any]], out_path: Path, title: str) -> Path | None:
+    """Train loss and test top-1 per evaluated epoch (``{"epoch", "train_loss", "top1"}`` rows) to a PNG."""
+    if not curve:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _logger.info("matplotlib not installed; skipping %s", out_path)
+        return None
+    epochs = [r["epoch"] for r in curve]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in curve], marker="o")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("train loss (epoch mean)")
+    ax_acc.plot(epochs, [r["top1"] for r in curve], marker="o", color="tab:green")
+    for e, a in zip(epochs, (r["top1"] for r in curve), strict=True):
+        ax_acc.annotate(
+            f"{a:.2f}", (e, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+        )
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test top-1 (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
+
+
 def _to_uint8(x: torch.Tensor, mean: Any, std: Any) -> np.ndarray:
     x = x.float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     return (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

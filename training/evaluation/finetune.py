@@ -2,14 +2,18 @@
 
 The classifier pools the pre-norm patch tokens -> fc_norm -> head; training sets the encoder's drop path and
 relative position tables (``Encoder.set_drop_path`` / ``init_rel_pos_bias``), light augmentation and
-optional mixup/cutmix.
+optional mixup/cutmix. With an output directory, every epoch ends with a checkpoint (model, optimizer, data
+order and RNG state: ``resume`` continues a cut run exactly), ``metrics.jsonl`` and ``finetune_curve.png``
+(train loss and test top-1 per evaluated epoch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,18 +23,26 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import data as D
+from ..checkpointing import load_training_checkpoint, rng_state, set_rng_state
+from ..config import ConfigError
+from ..files import atomic_torch_save
 from ..models.cae import Encoder
 from ..optim import cosine_lr, effective_warmup, finetune_param_groups
 from ..runtime import autocast
-from ..tracking import Progress
+from ..tracking import MetricsWriter, Progress
+from ..viz import plot_eval_curve, plot_loss_curve
 from .backbone import Backbone
 from .common import pct, topk_correct
 from .features import DataSpec, count_classes, subset_indices
 from .params import EvalError, FinetuneParams
 
-__all__ = ["FinetuneClassifier", "run_finetune"]
+__all__ = ["FINETUNE_CHECKPOINT", "FinetuneClassifier", "run_finetune"]
 
 _logger = logging.getLogger("training.evaluation")
+
+FINETUNE_CHECKPOINT = "finetune-checkpoint.pth"
+# parameters that do not change what is trained: a resumed run may set them differently
+_RUNTIME_ONLY = ("log_every", "threads", "num_workers", "extract_batch_size", "eval_every", "epochs")
 
 
 class FinetuneClassifier(nn.Module):
@@ -110,7 +122,12 @@ def run_finetune(
     device: torch.device,
     amp: torch.dtype | None,
     seed: int,
+    output_dir: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
+    """Fine-tune ``backbone`` end to end; test top-1/top-5 after the last epoch (and every ``eval_every``
+    epochs, in ``curve``). ``output_dir``: per-epoch checkpoint, metrics and PNGs; ``resume`` continues
+    from its checkpoint."""
     train_src, test_src = spec.source("train"), spec.source("test")
     nc = count_classes(train_src, test_src, labels=[np.asarray(getattr(train_src, "labels", [0]))])
     train_ds: Dataset = D.TransformedDataset(train_src, transform)
@@ -152,10 +169,31 @@ def run_finetune(
         f", +rel-pos tables in {added} blocks" if added else "",
     )
     gen = torch.Generator().manual_seed(seed)
+    identity = {
+        "backbone": backbone.identity,
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": n_test,
+        "params": {k: v for k, v in dataclasses.asdict(p).items() if k not in _RUNTIME_ONLY},
+    }
+    curve: list[dict[str, Any]] = []
+    start_epoch = 0
+    metrics = MetricsWriter(output_dir, enabled=True, tensorboard=False) if output_dir else None
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path = output_dir / FINETUNE_CHECKPOINT
+        if resume and ckpt_path.exists():
+            start_epoch, curve = _restore(ckpt_path, identity, p.epochs, model, opt, gen)
+            assert metrics is not None
+            metrics.truncate_after(start_epoch * steps)
+        elif resume:
+            _logger.info("resume: no %s in %s, starting fresh", FINETUNE_CHECKPOINT, output_dir)
+        elif ckpt_path.exists():
+            raise EvalError(f"{ckpt_path} exists: pass --resume to continue it, or another --output-dir")
     progress = Progress("finetune", p.epochs * steps, unit="step", logger=_logger)
-    loss_mean = 0.0
+    loss_mean = curve[-1]["train_loss"] if curve else 0.0
     t_start = time.perf_counter()
-    for epoch in range(p.epochs):
+    for epoch in range(start_epoch, p.epochs):
         model.train()
         rng = np.random.default_rng([seed, epoch])
         order = torch.randperm(n_train, generator=gen)[: steps * bs].tolist()
@@ -180,14 +218,68 @@ def run_finetune(
             loss_sum, count = loss_sum + float(loss.detach()), count + 1
             done = epoch * steps + it + 1
             if done % p.log_every == 0 or done == p.epochs * steps:
-                rate = done * bs / max(time.perf_counter() - t_start, 1e-9)
+                rate = (done - start_epoch * steps) * bs / max(time.perf_counter() - t_start, 1e-9)
                 progress.update(
                     done,
                     extra=f"epoch {epoch + 1}/{p.epochs} loss {loss_sum / count:.4f} lr {lr:.3g} "
                     f"{rate:.1f} img/s",
                     force=True,
                 )
+                if metrics is not None:
+                    metrics.write({"kind": "train", "step": done, "epoch": epoch, "loss": loss_sum / count,
+                                   "lr": lr})  # fmt: skip
         loss_mean = loss_sum / max(count, 1)
+        last = epoch + 1 == p.epochs
+        if last or (p.eval_every and (epoch + 1) % p.eval_every == 0):
+            t_eval = time.perf_counter()
+            top1, top5 = _evaluate(model, test_ds, p, device, amp, n_test)
+            curve.append({"epoch": epoch + 1, "train_loss": round(loss_mean, 6), "top1": top1, "top5": top5})
+            _logger.info(
+                "fine-tuning epoch %d/%d: train loss %.4f, test top1 %.2f (%.1f s to evaluate)",
+                epoch + 1, p.epochs, loss_mean, top1, time.perf_counter() - t_eval,
+            )  # fmt: skip
+            if metrics is not None:
+                metrics.write({"kind": "eval", "step": done, **curve[-1]})
+        if output_dir is not None:
+            state = {
+                "format": "cae-service-finetune",
+                "identity": identity,
+                "epochs": p.epochs,
+                "epoch": epoch + 1,  # epochs complete
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "order_rng": gen.get_state(),
+                "rng": rng_state(),
+                "curve": curve,
+                "train_loss": loss_mean,
+            }
+            atomic_torch_save(state, output_dir / FINETUNE_CHECKPOINT)  # a cut write leaves the last one
+            plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "finetune_loss.png")
+            plot_eval_curve(curve, output_dir / "finetune_curve.png", f"fine-tuning {backbone.spec}")
+    if metrics is not None:
+        metrics.close()
+    final = curve[-1]
+    return {
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "train_loss": round(loss_mean, 6),
+        "curve": curve,
+        **({"resumed_at_epoch": start_epoch} if start_epoch else {}),
+        "n_train": n_train,
+        "n_test": n_test,
+        "num_classes": nc,
+    }
+
+
+def _evaluate(
+    model: nn.Module,
+    test_ds: Dataset,
+    p: FinetuneParams,
+    device: torch.device,
+    amp: torch.dtype | None,
+    n: int,
+) -> tuple[float, float]:
+    """Top-1 and top-5 (in %) on the test set; the model is left in train mode."""
     model.eval()
     loader = DataLoader(test_ds, batch_size=p.extract_batch_size, shuffle=False, num_workers=p.num_workers)
     c1 = c5 = 0
@@ -197,11 +289,45 @@ def run_finetune(
                 logits = model(images.to(device))
             k1, k5 = topk_correct(logits.float().cpu(), torch.as_tensor(labels))
             c1, c5 = c1 + k1, c5 + k5
-    return {
-        "top1": pct(c1, n_test),
-        "top5": pct(c5, n_test),
-        "train_loss": round(loss_mean, 6),
-        "n_train": n_train,
-        "n_test": n_test,
-        "num_classes": nc,
-    }
+    model.train()
+    return pct(c1, n), pct(c5, n)
+
+
+def _restore(
+    path: Path,
+    identity: dict[str, Any],
+    epochs: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load a fine-tuning checkpoint into ``model``/``opt``/``gen`` and the global RNGs; refuse one of
+    another backbone, seed, data or recipe. Returns (epochs complete, the test curve so far)."""
+    try:
+        state = load_training_checkpoint(path)
+    except ConfigError as e:
+        raise EvalError(str(e)) from e
+    if not isinstance(state, dict) or state.get("format") != "cae-service-finetune":
+        raise EvalError(f"{path}: not a fine-tuning checkpoint")
+    saved = state["identity"]
+    if saved != identity:
+        diff = sorted(
+            k for k in set(saved) | set(identity) if k != "params" and saved.get(k) != identity.get(k)
+        ) + sorted(
+            f"params.{k}"
+            for k in set(saved["params"]) | set(identity["params"])
+            if saved["params"].get(k) != identity["params"].get(k)
+        )
+        raise EvalError(f"{path} was written by another fine-tuning run (differs in: {', '.join(diff)})")
+    done = int(state["epoch"])
+    if done >= epochs:
+        raise EvalError(f"{path} has {done} epochs complete, epochs={epochs}: nothing left to train")
+    if int(state["epochs"]) != epochs:
+        _logger.warning("resume: epochs %d -> %d changes the lr schedule from epoch %d on",
+                        state["epochs"], epochs, done + 1)  # fmt: skip
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["order_rng"])
+    set_rng_state(state["rng"])
+    _logger.info("resume: %s, %d/%d epochs complete", path, done, epochs)
+    return done, list(state["curve"])

@@ -109,6 +109,7 @@ class FinetuneParams(CommonParams):
     hflip: float = 0.5
     rel_pos_bias: bool = True  # official fine-tuning adds a zero-initialized per-block table
     log_every: int = 50
+    eval_every: int = 1  # test top-1 after every N epochs (the curve); 0: after the last only
 
 
 _PARAM_CLASSES: dict[str, type[CommonParams]] = {
@@ -132,6 +133,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         tp = next(a for a in args if a is not type(None))
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -198,5 +204,7 @@ def _validate_params(p: CommonParams) -> None:
         problems.append(f"solver must be lbfgs or lars (got {p.solver!r}), max_iter >= 1, l2 >= 0")
     if isinstance(p, FinetuneParams) and not 0 < p.layer_decay <= 1:
         problems.append("layer_decay must be in (0, 1]")
+    if isinstance(p, FinetuneParams) and p.eval_every < 0:
+        problems.append("eval_every must be >= 0")
     if problems:
         raise EvalError("invalid parameters: " + "; ".join(problems))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .. import data as D
+from ..files import write_json_atomic
 from ..models import parse_readout, readout_dim
 from ..runtime import auto_threads, cpu_threads, resolve_device, resolve_precision
 from .attentive import run_attentive
@@ -41,10 +42,23 @@ def _dispatch(
     amp: torch.dtype | None,
     seed: int,
     cache: Path,
+    output_dir: Path | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, Any], bool | None, int, int, int]:
     """Run one protocol: (result fields, features came from the cache, n_train, n_test, classes)."""
     if protocol == "finetune":
-        res = run_finetune(params, backbone, spec, transform, preprocess, dev, amp, seed)  # type: ignore[arg-type]
+        res = run_finetune(
+            params,
+            backbone,
+            spec,
+            transform,
+            preprocess,
+            dev,
+            amp,
+            seed,
+            output_dir,
+            resume,  # type: ignore[arg-type]
+        )
         return res, None, res.pop("n_train"), res.pop("n_test"), res.pop("num_classes")
     feature = getattr(params, "feature", None)
     # one encoder pass gives every standard readout for little more than the cls token: cache them
@@ -105,6 +119,8 @@ def run_eval(
     cache_dir: str | None = None,
     seed: int = 0,
     device: str = "auto",
+    output_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Evaluate an encoder with one protocol; returns a JSON-serializable dict (``top1``/``top5`` in %).
 
@@ -113,10 +129,15 @@ def run_eval(
     imagefolder:PATH (PATH/train -> PATH/val). ``overrides``: ``key=value`` hyper-parameters (see
     :func:`allowed_overrides`). Deterministic given ``seed`` for a given device, precision and CPU
     thread count (``threads`` is picked from the load average unless set: pin it to compare runs bitwise).
+    ``output_dir``: where ``result.json`` goes (and, for finetune, the per-epoch checkpoint, metrics and
+    PNGs); ``resume``: continue the fine-tuning run checkpointed there.
     """
     t0 = time.perf_counter()
     if protocol not in PROTOCOLS:
         raise EvalError(f"unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}")
+    if resume and (protocol != "finetune" or output_dir is None):
+        raise EvalError("resume continues a fine-tuning run: it needs protocol finetune and an output_dir")
+    out = Path(output_dir) if output_dir is not None else None
     params = parse_overrides(protocol, overrides)
     spec = parse_dataset(dataset)
     try:
@@ -151,7 +172,7 @@ def run_eval(
     threads = auto_threads(params.threads) if dev.type == "cpu" else None
     with cpu_threads(dev, threads):
         res, cached, n_train, n_test, nc = _dispatch(
-            protocol, params, backbone, spec, transform, preprocess, dev, amp, seed, cache
+            protocol, params, backbone, spec, transform, preprocess, dev, amp, seed, cache, out, resume
         )
     hp = dataclasses.asdict(params)
     hp["crop_pct"] = crop_pct
@@ -174,7 +195,7 @@ def run_eval(
         "feature_dim": int(readout_dim(params.feature, backbone.cfg.embed_dim, backbone.cfg.depth))
         if getattr(params, "feature", None)
         else int(backbone.cfg.embed_dim),
-        **{k: res[k] for k in ("baseline_pixels", "budget_2x") if k in res},
+        **{k: res[k] for k in ("baseline_pixels", "budget_2x", "curve", "resumed_at_epoch") if k in res},
         "seed": seed,
         "device": str(dev),
         "precision": "bf16" if amp is not None else "fp32",
@@ -192,6 +213,9 @@ def run_eval(
         n_test,
         result["seconds"],
     )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "result.json", result)
     if "baseline_pixels" in result:
         _logger.info(
             "%s on raw pixels (same code and split): top1 %.2f", protocol, result["baseline_pixels"]["top1"]
