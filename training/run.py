@@ -131,20 +131,10 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def _cmd_scenes(args: argparse.Namespace) -> int:
     from training.data import DataError
-    from training.dense.scenes import generate_scenes
+    from training.dense.scenes import generate_from_args
 
     try:
-        summary = generate_scenes(
-            args.out,
-            n_train=args.train,
-            n_test=args.test,
-            size=args.size,
-            seed=args.seed,
-            min_objects=args.min_objects,
-            max_objects=args.max_objects,
-            overwrite=args.overwrite,
-            preset=args.preset,
-        )
+        summary = generate_from_args(args)
     except (DataError, FileExistsError, ValueError) as e:
         _logger.error("%s", e)
         return 2
@@ -211,22 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("scenes", help="write the Fashion-MNIST scenes benchmark (ADE20K and COCO layouts)")
-    g.add_argument("--out", required=True)
-    g.add_argument("--train", type=int, default=4000, help="training scenes (from the train split only)")
-    g.add_argument("--test", type=int, default=1000, help="validation scenes (from the test split only)")
-    g.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="fixed square canvas (default: 64 for v1, else the preset's range)",
-    )
-    g.add_argument("--min-objects", type=int, default=None, help="default: the preset's (v1: 2)")
-    g.add_argument("--max-objects", type=int, default=None, help="default: the preset's (v1: 4)")
-    g.add_argument(
-        "--preset", default="v1", help="v1 (black 64-px scenes), v2 (varied) or shifted (outside v2's ranges)"
-    )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--overwrite", action="store_true")
+    from training.dense.cli import add_scenes_arguments
+
+    add_scenes_arguments(g, out_flag=True)
     g.set_defaults(func=_cmd_scenes)
 
     for task, what in (

@@ -68,6 +68,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import FMNIST_CLASSES, FMNIST_DIR, DataError, FashionMNIST
+from .cli import add_scenes_arguments
 from .metrics import masks_to_rle
 
 _logger = logging.getLogger(__name__)
@@ -537,33 +538,9 @@ def generate_scenes(
     return {**summary, "out_dir": str(out.resolve())}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m training.dense.scenes", description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path, help="output directory")
-    p.add_argument("--train", type=int, default=10000, help="number of train scenes")
-    p.add_argument("--test", type=int, default=2000, help="number of test (validation) scenes")
-    p.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help="fixed square canvas side in pixels (default: 64 for v1, the preset's range otherwise)",
-    )
-    p.add_argument("--min-objects", type=int, default=None, help="default: the preset's (v1: 2)")
-    p.add_argument("--max-objects", type=int, default=None, help="default: the preset's (v1: 4)")
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default="v1",
-        help="v1: the original black 64-px scenes; v2: varied; shifted: outside v2's ranges",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--fmnist-root", type=Path, default=FMNIST_DIR, help="folder with the Fashion-MNIST idx files"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing ade/, coco/ and scenes.json")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = generate_scenes(
+def generate_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`generate_scenes` with the options :func:`training.dense.cli.add_scenes_arguments` parsed."""
+    return generate_scenes(
         args.out,
         n_train=args.train,
         n_test=args.test,
@@ -571,10 +548,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         min_objects=args.min_objects,
         max_objects=args.max_objects,
         seed=args.seed,
-        fmnist_root=args.fmnist_root,
+        fmnist_root=args.fmnist_root or FMNIST_DIR,
         overwrite=args.overwrite,
         preset=args.preset,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m training.dense.scenes", description=__doc__.split("\n\n")[0])
+    add_scenes_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = generate_from_args(args)
+    except (DataError, FileExistsError, ValueError) as e:
+        p.error(str(e))  # exit status 2 with the message, as for a malformed option
     for split, s in summary["splits"].items():
         _logger.info(
             "%s: %d images, %d objects, per class %s", split, s["images"], s["objects"], s["class_histogram"]
