@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from training.files import file_mode
 from training.tokenizers import (
     DalleEncoder,
     DalleSecondView,
@@ -233,6 +234,8 @@ def test_convert_pickled_module_matches_original_exactly(
 
     sd = convert_openai_encoder(src, tmp_path / "out" / "dalle.safetensors")
     assert "dall_e" not in sys.modules, "conversion must not import or register a dall_e package"
+    # as readable as any file the umask allows (safetensors alone writes 0600)
+    assert (tmp_path / "out" / "dalle.safetensors").stat().st_mode & 0o777 == file_mode()
     ref = original.state_dict()
     assert list(sd) == list(ref)
     assert "blocks.group_2.block_1.id_path.w" in sd  # n_in != n_out

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files import atomic_path, sha256_file
+from ..files import save_safetensors_atomic, sha256_file
 from .dvae import (  # the model lives in dvae.py; this module only converts the pickle
     SAFETENSORS_CONTENT,
     DalleWeightsError,
@@ -347,8 +347,6 @@ def convert_openai_encoder(src: str | Path, dst: str | Path) -> dict[str, Tensor
     ``dst`` with metadata ``format``, ``content``, ``source_format``, ``source_file``, ``source_sha256`` and
     the inferred config. Returns the state_dict that was written.
     """
-    from safetensors.torch import save_file
-
     src, dst = Path(src), Path(dst)
     state_dict, source_format = load_encoder_state_dict(src)
     try:
@@ -365,8 +363,7 @@ def convert_openai_encoder(src: str | Path, dst: str | Path) -> dict[str, Tensor
         **{k: str(v) for k, v in asdict(model.config).items()},
     }
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst, fsync=False) as tmp:
-        save_file(out, str(tmp), metadata=metadata)
+    save_safetensors_atomic(out, dst, metadata)
     logger.info(
         "converted %s (%s, sha256 %s) -> %s: %d tensors, %s",
         src,
