@@ -48,7 +48,9 @@ def openvino_runner(path: Path, precision: str, threads: int | None) -> Callable
     import openvino as ov
 
     core = ov.Core()
-    cfg = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "THROUGHPUT"}
+    # the service's configuration: one synchronous request per batch takes every thread under LATENCY;
+    # THROUGHPUT splits the threads into streams, and one request at a time leaves the others idle
+    cfg = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = str(threads)
     compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
