@@ -6,8 +6,9 @@
 Prints, measured in the same process and interleaved over ``--rounds`` (best round kept: these machines
 are noisy):
 
-- the dense matmul rate in fp32 and bf16 at 2048^3 and at the model's own projection shape
-  (batch x tokens rows, D -> 4D), the reference the issue's ">= 60% of the bf16 matmul rate" is read against;
+- the dense matmul rate (``bench/train_throughput.matmul_rate``: best of timed batches) in fp32 and bf16
+  at 2048^3 and at the model's own projection shape (batch x tokens rows, D -> 4D), the reference the
+  issue's ">= 60% of the bf16 matmul rate" is read against;
 - the encoder's FLOPs per image, counted by ``torch.utils.flop_counter`` (every matmul, attention included);
 - for each way to run the embed graph here: images/s, achieved GFLOP/s, that as a fraction of the bf16
   matmul rates, and the minimum cosine of the cls token to torch fp32 on the same images:
@@ -22,6 +23,7 @@ arithmetic. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -36,22 +38,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.export_variants import openvino_runner, ort_runner, rate  # noqa: E402
+from bench.train_throughput import matmul_rate  # noqa: E402
+from service.bundle_format import min_row_cosine  # noqa: E402
 from training.models import create_model  # noqa: E402
 
 _logger = logging.getLogger("bench")
 
 Runner = Callable[[np.ndarray], np.ndarray]
-
-
-def matmul_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float) -> float:
-    """GFLOP/s of ``[m, k] @ [k, n]`` in ``dtype`` on this process's threads."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    a @ b  # warm-up (oneDNN picks its kernel)
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-    return 2.0 * m * k * n * count / (time.perf_counter() - t0) / 1e9
 
 
 def encoder_flops(model: nn.Module, size: int) -> float:
@@ -104,46 +98,6 @@ def torch_runner(model: nn.Module, autocast: bool) -> Runner:
     return run
 
 
-def ort_runner(path: Path, threads: int) -> Runner:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"images": x})[0]
-
-
-def openvino_runner(path: Path, precision: str, threads: int) -> Runner:
-    import openvino as ov
-
-    # as the service compiles it: one synchronous request per batch, so the LATENCY hint (one stream over
-    # every thread); THROUGHPUT would split the threads into streams that a single request leaves idle
-    cfg = {
-        "INFERENCE_PRECISION_HINT": precision,
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": str(threads),
-    }
-    compiled = ov.Core().compile_model(str(path), "CPU", cfg)
-    request = compiled.create_infer_request()
-    return lambda x: request.infer({"images": x})[compiled.output(0)].copy()
-
-
-def rate(fn: Runner, x: np.ndarray, seconds: float) -> float:
-    fn(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn(x)
-        n += len(x)
-    return n / (time.perf_counter() - t0)
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return float((num / np.maximum(den, 1e-30)).min())
-
-
 def export_embed(model_name: str, seed: int, out_dir: Path) -> Path:
     from export.onnx_export import export_bundle
     from training.models import save_model
@@ -183,22 +137,21 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, Runner] = {
         "torch fp32": torch_runner(ref_model, autocast=False),
-        "torch bf16 autocast": torch_runner(_copy(ref_model), autocast=True),
+        "torch bf16 autocast": torch_runner(copy.deepcopy(ref_model), autocast=True),
+        "torch bf16 weights": torch_runner(Bf16Weights(copy.deepcopy(ref_model)), autocast=False),
     }
-    rows["torch bf16 weights"] = torch_runner(Bf16Weights(_copy(ref_model)), autocast=False)
     if args.compile:
-        for name, mod, ac in (
-            ("torch fp32 compiled", _copy(ref_model), False),
-            ("torch bf16 weights compiled", Bf16Weights(_copy(ref_model)), False),
+        for name, mod in (
+            ("torch fp32 compiled", copy.deepcopy(ref_model)),
+            ("torch bf16 weights compiled", Bf16Weights(copy.deepcopy(ref_model))),
         ):
             t0 = time.perf_counter()
-            compiled = torch.compile(mod)
-            fn = torch_runner(compiled, autocast=ac)  # type: ignore[arg-type]
+            fn = torch_runner(torch.compile(mod), autocast=False)  # type: ignore[arg-type]
             fn(x)
             _logger.info("%s: compiled in %.1f s", name, time.perf_counter() - t0)
             rows[name] = fn
-    if not args.no_onnx:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the exported graph lives until the measurement ends
+        if not args.no_onnx:
             onnx = args.onnx_dir
             if onnx is None:
                 onnx = export_embed(args.model, args.seed, Path(tmp))
@@ -214,14 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows["openvino bf16"] = openvino_runner(onnx, "bf16", args.threads)
             except ImportError:
                 _logger.info("(openvino not installed)")
-            return _measure(args, rows, x, ref, flops, tokens, dim)
-    return _measure(args, rows, x, ref, flops, tokens, dim)
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
+        return _measure(args, rows, x, ref, flops, tokens, dim)
 
 
 def _measure(
@@ -234,17 +180,19 @@ def _measure(
     dim: int,
 ) -> int:
     shapes = {"2048^3": (2048, 2048, 2048), "model": (args.batch * tokens, dim, 4 * dim)}
+    cpu = torch.device("cpu")
     best: dict[str, float] = {}
     t_start = time.perf_counter()
     for r in range(args.rounds):  # interleaved: matmul rates and every runner in each round
         for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             for shape_name, (m, k, n) in shapes.items():
                 key = f"matmul {prec} {shape_name}"
-                best[key] = max(best.get(key, 0.0), matmul_rate(dtype, m, k, n, args.seconds / 2))
+                gflops = matmul_rate(m, k, n, dtype, cpu, args.seconds / 2) / 1e9
+                best[key] = max(best.get(key, 0.0), gflops)
         for name, fn in rows.items():
             best[name] = max(best.get(name, 0.0), rate(fn, x, args.seconds))
         _logger.info("round %d/%d done (%.0f s)", r + 1, args.rounds, time.perf_counter() - t_start)
-    cosines = {name: min_cosine(fn(x)[:, 0], ref) for name, fn in rows.items()}
+    cosines = {name: min_row_cosine(fn(x)[:, 0], ref) for name, fn in rows.items()}
     bf16_sq, bf16_model = best["matmul bf16 2048^3"], best["matmul bf16 model"]
     _logger.info(
         "%s, %d threads, batch %d: %.2f GFLOP/img; matmul fp32 %.0f / %.0f GFLOP/s, bf16 %.0f / %.0f GFLOP/s "

@@ -25,7 +25,7 @@ from service.bundle_format import min_row_cosine
 _logger = logging.getLogger("bench")
 
 
-def _rate(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float) -> float:
+def rate(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float) -> float:
     fn(x)  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -90,13 +90,13 @@ def main() -> int:
     _logger.info("%s  embed  batch %d  %dx%d", spec["model"]["id"], args.batch, img["size"], img["size"])
     base = None
     for name, fn in rows:
-        rate = _rate(fn, x, args.seconds)
-        base = base or rate
+        rate_ = rate(fn, x, args.seconds)
+        base = base or rate_
         _logger.info(
             "%-18s %9.1f img/s  x%.2f vs ORT fp32  cos %.6f",
             name,
-            rate,
-            rate / base,
+            rate_,
+            rate_ / base,
             min_row_cosine(fn(x)[:, 0], ref[:, 0]),
         )
     return 0
