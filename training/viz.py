@@ -14,10 +14,8 @@ from PIL import Image
 _logger = logging.getLogger(__name__)
 
 
-def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
-    """Loss terms (per logged step) and lr from ``metrics.jsonl`` to a PNG."""
-    if not metrics_path.exists():
-        return None
+def _pyplot(out_path: Path) -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (logged) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -25,6 +23,26 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         _logger.info("matplotlib not installed; skipping %s", out_path)
+        return None
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, out_path: Path) -> Path:
+    """Lay out and write ``fig`` to ``out_path`` through a temporary file (a reader never sees half a PNG)."""
+    fig.tight_layout()
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
+    """Loss terms (per logged step) and lr from ``metrics.jsonl`` to a PNG."""
+    if not metrics_path.exists():
+        return None
+    plt = _pyplot(out_path)
+    if plt is None:
         return None
     recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in recs if r.get("kind") == "train"]
@@ -44,25 +62,15 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Path | None:
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("lr")
     ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_path.with_name(out_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return _save_figure(plt, fig, out_path)
 
 
 def plot_eval_curve(curve: list[dict[str, Any]], out_path: Path, title: str) -> Path | None:
     """Train loss and test top-1 per evaluated epoch (``{"epoch", "train_loss", "top1"}`` rows) to a PNG."""
     if not curve:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _logger.info("matplotlib not installed; skipping %s", out_path)
+    plt = _pyplot(out_path)
+    if plt is None:
         return None
     epochs = [r["epoch"] for r in curve]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -79,12 +87,7 @@ def plot_eval_curve(curve: list[dict[str, Any]], out_path: Path, title: str) -> 
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = out_path.with_name(out_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return out_path
+    return _save_figure(plt, fig, out_path)
 
 
 def _to_uint8(x: torch.Tensor, mean: Any, std: Any) -> np.ndarray:

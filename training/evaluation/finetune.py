@@ -178,20 +178,20 @@ def run_finetune(
     }
     curve: list[dict[str, Any]] = []
     start_epoch = 0
-    metrics = MetricsWriter(output_dir, enabled=True, tensorboard=False) if output_dir else None
+    metrics: MetricsWriter | None = None
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsWriter(output_dir, enabled=True, tensorboard=False)
         ckpt_path = output_dir / FINETUNE_CHECKPOINT
         if resume and ckpt_path.exists():
             start_epoch, curve = _restore(ckpt_path, identity, p.epochs, model, opt, gen)
-            assert metrics is not None
             metrics.truncate_after(start_epoch * steps)
         elif resume:
             _logger.info("resume: no %s in %s, starting fresh", FINETUNE_CHECKPOINT, output_dir)
         elif ckpt_path.exists():
             raise EvalError(f"{ckpt_path} exists: pass --resume to continue it, or another --output-dir")
     progress = Progress("finetune", p.epochs * steps, unit="step", logger=_logger)
-    loss_mean = curve[-1]["train_loss"] if curve else 0.0
+    loss_mean = 0.0  # set by every epoch; a resumed run has at least one left (_restore checks)
     t_start = time.perf_counter()
     for epoch in range(start_epoch, p.epochs):
         model.train()
@@ -251,7 +251,6 @@ def run_finetune(
                 "order_rng": gen.get_state(),
                 "rng": rng_state(),
                 "curve": curve,
-                "train_loss": loss_mean,
             }
             atomic_torch_save(state, output_dir / FINETUNE_CHECKPOINT)  # a cut write leaves the last one
             plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "finetune_loss.png")
