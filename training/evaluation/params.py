@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from ..config import yaml_number
 from ..models import parse_readout
 
 __all__ = [
@@ -133,11 +134,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         tp = next(a for a in args if a is not type(None))
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if tp is float:
+        value = yaml_number(value)
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
