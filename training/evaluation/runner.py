@@ -48,7 +48,7 @@ def _dispatch(
     """Run one protocol: (result fields, features came from the cache, n_train, n_test, classes)."""
     if protocol == "finetune":
         res = run_finetune(
-            params,
+            params,  # type: ignore[arg-type]
             backbone,
             spec,
             transform,
@@ -57,7 +57,7 @@ def _dispatch(
             amp,
             seed,
             output_dir,
-            resume,  # type: ignore[arg-type]
+            resume,
         )
         return res, None, res.pop("n_train"), res.pop("n_test"), res.pop("num_classes")
     feature = getattr(params, "feature", None)
