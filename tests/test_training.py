@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, tiny_cfg, train_losses
+from tests.helpers import REPO, TINY, random_mask, tiny_cfg, tiny_overrides, train_losses
 from training.config import ConfigError, list_presets, load_config
 from training.engine import lr_at, param_groups
 from training.models import create_model, load_model
@@ -466,3 +466,33 @@ def test_shifted_test_set_is_seeded_smaller_and_off_centre(image_folder):
     lo, hi = D.ShiftedDataset.SCALE
     assert lo**2 * 0.8 <= min(fracs) and max(fracs) <= hi**2 * 1.1  # area ~ side fraction squared
     assert np.std([c[1] for c in centres]) > 1.0  # not all centred
+
+
+def test_instance_term_on_the_served_lastn_readout(tmp_path, image_folder):
+    """instance.pooling=lastN contrasts the readout /embed serves: the masked view's lastN is built from the
+    blocks CAE.forward kept (its newest block equals the visible tokens' final cls and mean), the head takes
+    the 2ND-wide feature, and an N beyond the depth or cls+mean is a config error."""
+    from training.instance import masked_view_feature
+    from training.models.cae import CAE, CAEConfig
+
+    model = CAE(CAEConfig(**tiny_overrides(depth=3))).eval()
+    images, mask = torch.randn(2, 3, 32, 32), random_mask(2, 16, 8)
+    out = model(images, mask, keep_blocks=2)
+    feat = masked_view_feature(out, model, "last2")
+    d = model.embed_dim
+    assert feat.shape == (2, 4 * d) and len(out.visible_blocks) == 2
+    torch.testing.assert_close(feat[:, 2 * d : 3 * d], out.latent_visible[:, 0])
+    torch.testing.assert_close(feat[:, 3 * d :], out.latent_visible[:, 1:].mean(dim=1))
+    assert model(images, mask).visible_blocks == []
+    with pytest.raises(ValueError, match="keep_blocks"):
+        masked_view_feature(model(images, mask), model, "last2")
+    run = tmp_path / "last"
+    common = ["optim.epochs=1", "instance.kind=contrastive", "instance.hidden_dim=32", "instance.proj_dim=16"]
+    pretrain(tiny_cfg(image_folder, *common, "instance.pooling=last2"), run)
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_instance" in r for r in train if r["kind"] == "train")
+    ck = torch.load(sorted(run.glob("checkpoint-*.pth"))[-1], weights_only=False)
+    assert ck["instance_head"]["net.0.weight"].shape[1] == 4 * 32  # last2 of the tiny preset's D=32
+    for bad in ("last99", "cls+mean"):
+        with pytest.raises(ConfigError, match="instance.pooling"):
+            pretrain(tiny_cfg(image_folder, *common, f"instance.pooling={bad}"), tmp_path / bad)

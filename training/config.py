@@ -80,7 +80,7 @@ class InstanceSection:
     kind: str = "none"  # none | contrastive (InfoNCE: masked view's cls vs a second unmasked view's)
     weight: float = 1.0
     temperature: float = 0.2
-    pooling: str = "cls"  # cls | mean
+    pooling: str = "cls"  # cls | mean | lastN (e.g. last4, the served readout: last N blocks' cls + mean)
     hidden_dim: int = 1024
     proj_dim: int = 128
 
@@ -280,8 +280,11 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"runtime.device must be auto|cpu|cuda, got {r.device!r}")
     if cfg.instance.kind not in ("none", "contrastive"):
         problems.append(f"instance.kind must be 'none' or 'contrastive', got {cfg.instance.kind!r}")
-    if cfg.instance.pooling not in ("cls", "mean"):
-        problems.append(f"instance.pooling must be 'cls' or 'mean', got {cfg.instance.pooling!r}")
+    pool = cfg.instance.pooling
+    last_n = pool.startswith("last") and pool[4:].isdigit() and int(pool[4:]) >= 1
+    if not (pool in ("cls", "mean") or last_n):
+        # N <= depth is checked where the model is built
+        problems.append(f"instance.pooling must be cls, mean or lastN (e.g. last4), got {pool!r}")
     if cfg.instance.temperature <= 0:
         problems.append(f"instance.temperature must be > 0, got {cfg.instance.temperature}")
     if not 0 <= d.zoom_out_prob <= 1 or not 0 < d.zoom_out[0] <= d.zoom_out[1] <= 1:

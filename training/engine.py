@@ -105,13 +105,12 @@ def _instance_loss(
 ) -> dict[str, torch.Tensor]:
     """InfoNCE between the masked view's pooled feature (already encoded by the CAE step) and the pooled
     feature of the second, unmasked view."""
-    from .instance import info_nce, pooled
+    from .instance import info_nce, masked_view_feature
 
     ic = cfg.instance
     with amp:
-        tokens2 = model.forward_encoder(images2)
-        z1 = head(pooled(out.latent_visible, ic.pooling))
-        z2 = head(pooled(tokens2, ic.pooling))
+        z1 = head(masked_view_feature(out, model, ic.pooling))
+        z2 = head(model.forward_readout(images2, ic.pooling))
     loss, acc = info_nce(z1, z2, ic.temperature)
     return {"loss_instance": ic.weight * loss, "instance_acc": acc}
 
@@ -151,6 +150,11 @@ def train_one_epoch(
     step = start_step
     micro = 0
     amp = autocast(rt.device, rt.amp_dtype)
+    keep_blocks = 0
+    if instance_head is not None:
+        from .instance import instance_readout_blocks
+
+        keep_blocks = instance_readout_blocks(cfg.instance.pooling, core.cfg.depth)
     for batch in loader:
         if step >= steps_per_epoch:
             break
@@ -165,7 +169,7 @@ def train_one_epoch(
         sync = contextlib.nullcontext() if (last_micro or not hasattr(model, "no_sync")) else model.no_sync()
         with sync:
             with amp:
-                out = model(batch["images"], batch["mask"])
+                out = model(batch["images"], batch["mask"], keep_blocks=keep_blocks)
             losses = core.forward_loss(out, target)
             if instance_head is not None:
                 extra = _instance_loss(out, core, instance_head, batch["images2"], cfg, amp)

@@ -1,17 +1,24 @@
 """Instance-level objective beside CAE's masked modeling: an extension, off in the official presets.
 
 Pixel MIM at small scale learns pixel-like features; nothing in it supervises the cls token. This adds a
-SimCLR/MSN-style term: the cls token of the *masked* view the CAE step already encodes is contrasted
-(InfoNCE through a projection head) against the cls token of a second, independently augmented,
-unmasked view of the same image. The masked view acts as a strong augmentation (as in MSN), so the
-extra cost is one unmasked encoder pass per sample.
+SimCLR/MSN-style term: a readout (``instance.pooling``: cls, mean, or the served ``lastN``) of the *masked*
+view the CAE step already encodes is contrasted (InfoNCE through a projection head) against the same
+readout of a second, independently augmented, unmasked view of the same image. The masked view acts as a
+strong augmentation (as in MSN), so the extra cost is one unmasked encoder pass per sample.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .models.cae import block_readout
+
+if TYPE_CHECKING:
+    from .models.cae import CAE, CAEOutput
 
 
 class ProjectionHead(nn.Module):
@@ -47,10 +54,25 @@ def info_nce(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor
     return loss, acc
 
 
-def pooled(tokens: Tensor, pooling: str) -> Tensor:
-    """[B, 1+n, D] post-norm tokens -> [B, D] (``cls`` or ``mean`` of the patch tokens)."""
+def instance_readout_blocks(pooling: str, depth: int) -> int:
+    """How many of the last blocks' outputs the masked view must keep for ``pooling`` (0 unless lastN)."""
+    from .models.cae import parse_readout
+
+    kind, n = parse_readout(pooling, depth)
+    if kind == "cls+mean":
+        raise ValueError(f"instance.pooling must be cls, mean or lastN, got {pooling!r}")
+    return n if kind == "last" else 0
+
+
+def masked_view_feature(out: CAEOutput, model: CAE, pooling: str) -> Tensor:
+    """The readout ``pooling`` (cls | mean | lastN, as :meth:`CAE.forward_readout` names them) of the masked
+    view that the CAE step already encoded: the visible patches stand in for all of them."""
     if pooling == "cls":
-        return tokens[:, 0]
+        return out.latent_visible[:, 0]
     if pooling == "mean":
-        return tokens[:, 1:].mean(dim=1)
-    raise ValueError(f"instance.pooling must be 'cls' or 'mean', got {pooling!r}")
+        return out.latent_visible[:, 1:].mean(dim=1)
+    n = instance_readout_blocks(pooling, model.cfg.depth)
+    if len(out.visible_blocks) != n:
+        raise ValueError(f"instance.pooling={pooling} needs the last {n} blocks of the masked view, "
+                         f"got {len(out.visible_blocks)} (CAE.forward keep_blocks)")
+    return torch.cat([block_readout(model.encoder.norm(t)) for t in out.visible_blocks], dim=-1)

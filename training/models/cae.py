@@ -146,6 +146,9 @@ class CAEOutput:
     latent_target: Tensor  # [B, Nm, Dd] encoder on the masked patches, no grad (projected if Dd != D)
     pred: Tensor  # [B, Nm, vocab] token logits or [B, Nm, p*p*C] pixel predictions
     mask: Tensor  # [B, N] bool, as given
+    # pre-norm outputs of the last ``keep_blocks`` blocks on cls + the visible patches, oldest first (only
+    # when asked: the instance-level term on a ``lastN`` readout of the masked view)
+    visible_blocks: list[Tensor] = field(default_factory=list)
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
@@ -549,19 +552,24 @@ class CAE(nn.Module):
                 "regressor or decoder; use forward_features / forward_pooled"
             )
 
-    def forward(self, images: Tensor, mask: Tensor | None) -> CAEOutput:
+    def forward(self, images: Tensor, mask: Tensor | None, keep_blocks: int = 0) -> CAEOutput:
+        """``keep_blocks``: also return the pre-norm outputs of the last N encoder blocks on the visible
+        tokens (``CAEOutput.visible_blocks``), for a ``lastN`` readout of the masked view."""
         if mask is None:
             raise ValueError("CAE.forward needs a mask; use forward_features(images) for plain features")
         self._require_pretext()
         tokens = self.encoder.embed(images)
         vis_idx, msk_idx = mask_indices(mask)
-        latent_visible = self.encoder.encode_tokens(tokens, vis_idx)
+        latent_visible, blocks = self.encoder.forward_intermediates(tokens, vis_idx, range(-keep_blocks, 0))
         if self.cfg.arch == "mae":
-            return self._forward_mae(latent_visible, mask, vis_idx, msk_idx)
-        latent_target = self.forward_target(images, mask, tokens=tokens)
-        latent_pred = self.forward_regressor(latent_visible, mask)
-        pred = self.forward_decoder(latent_pred, mask)
-        return CAEOutput(latent_visible, latent_pred, latent_target, pred, mask)
+            out = self._forward_mae(latent_visible, mask, vis_idx, msk_idx)
+        else:
+            latent_target = self.forward_target(images, mask, tokens=tokens)
+            latent_pred = self.forward_regressor(latent_visible, mask)
+            pred = self.forward_decoder(latent_pred, mask)
+            out = CAEOutput(latent_visible, latent_pred, latent_target, pred, mask)
+        out.visible_blocks = blocks
+        return out
 
     def forward_pred(self, images: Tensor, mask: Tensor) -> Tensor:
         """Only the decoder's predictions for the masked patches: no alignment-target pass (inference,
