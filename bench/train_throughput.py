@@ -135,6 +135,11 @@ def main() -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak for MFU (H100 SXM: 989)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument(
+        "--compare-attention", action="store_true",
+        help="CPU: also time each precision with torch's fused SDPA kernel instead of the explicit "
+        "attention the models use on the CPU (training.models.layers.CPU_ATTENTION), interleaved",
+    )  # fmt: skip
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,16 +156,20 @@ def main() -> int:
     peaks = {}  # the hardware's dense rate here, measured now: square and model-shaped (tokens x D x 4D)
     for name, dt in (("fp32", torch.float32), *((("bf16", low),) if low is not None else ())):
         peaks[name] = (matmul_rate(2048, 2048, 2048, dt, device), matmul_rate(tokens, d, 4 * d, dt, device))
-    base = measure(model, args.batch, args.steps, device, None, cfg.data.mask_ratio, cfg)
-    rows = [("fp32", "fp32", base)]
-    if low is not None:
-        rows.append(
-            (
-                "bf16 autocast",
-                "bf16",
-                measure(model, args.batch, args.steps, device, low, cfg.data.mask_ratio, cfg),
-            )
-        )
+    from training.models import layers
+
+    precisions = [("fp32", "fp32", None), *((("bf16 autocast", "bf16", low),) if low is not None else ())]
+    compare = args.compare_attention and device.type == "cpu"
+    kinds = ["explicit", "sdpa"] if compare else [layers.CPU_ATTENTION]
+    rows = []
+    for name, prec, dt in precisions:
+        for kind in kinds:  # interleaved: both attention forms of one precision back to back
+            layers.CPU_ATTENTION = kind
+            label = f"{name} [{kind}]" if len(kinds) > 1 else name
+            rate = measure(model, args.batch, args.steps, device, dt, cfg.data.mask_ratio, cfg)
+            rows.append((label, prec, rate))
+    layers.CPU_ATTENTION = "explicit"
+    base = rows[0][2]
     _logger.info("%s on %s (%d threads), batch %d, %.2f GFLOP/img per training step", args.preset, device,
                  torch.get_num_threads(), args.batch, flops / 1e9)  # fmt: skip
     for name, (sq, shaped) in peaks.items():
@@ -177,7 +186,7 @@ def main() -> int:
         achieved = rate * flops
         sq, shaped = peaks[prec]
         line = (
-            f"{name:14s} {rate:9.1f} img/s  x{rate / base:.2f} vs fp32  {achieved / 1e9:8.1f} GFLOP/s = "
+            f"{name:25s} {rate:9.1f} img/s  x{rate / base:.2f} vs fp32  {achieved / 1e9:8.1f} GFLOP/s = "
             f"{100 * achieved / sq:.0f}% of the {prec} matmul rate "
             f"({100 * achieved / shaped:.0f}% of model-shaped)"
         )

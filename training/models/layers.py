@@ -86,6 +86,29 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+# "explicit" | "sdpa": how :func:`attention` runs on the CPU (the bench flips it to compare both)
+CPU_ATTENTION = "explicit"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over [B, H, T, d] heads.
+
+    On the CPU this is written out (two batched matmuls and a softmax), as the official BEiT/CAE code
+    does: for the short sequences of this project's models (26-50 tokens; also at 197) PyTorch's CPU
+    flash kernel is 1.5-4x slower forward + backward in bf16, and the bf16 training step 1.36-1.43x
+    slower (``bench/train_throughput.py --compare-attention``). GPUs and ONNX export keep
+    ``scaled_dot_product_attention`` (fused kernels there; the exported graphs stay as they were)."""
+    if q.device.type != "cpu" or CPU_ATTENTION == "sdpa" or torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
+
+
 class Attention(nn.Module):
     """BEiT self-attention: ``qkv`` without bias plus separate ``q_bias``/``v_bias`` (k bias is zero).
 
@@ -156,9 +179,7 @@ class Attention(nn.Module):
                     "relative position bias needs all tokens (no masking, the trained image size)"
                 )
             attn_bias = self.rel_pos_bias().to(q.dtype)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_bias, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        x = attention(q, k, v, attn_bias, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(_merge_heads(x)))
 
 
@@ -247,7 +268,7 @@ class CrossAttention(nn.Module):
         q = _split_heads(F.linear(q, self.q.weight, self.q_bias), self.num_heads)
         k = _split_heads(F.linear(k, self.k.weight), self.num_heads)
         v = _split_heads(F.linear(v, self.v.weight, self.v_bias), self.num_heads)
-        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.proj(_merge_heads(attention(q, k, v)))
 
 
 class RegressorBlock(nn.Module):
