@@ -264,8 +264,9 @@ def test_encoder_owns_drop_path_and_rel_pos_tables():
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_cpu_attention_matches_sdpa(with_bias):
-    """The explicit CPU attention (faster in bf16 training here) computes what the fused SDPA kernel does:
-    values and gradients in fp32, with and without the relative-position bias; bf16 stays close."""
+    """The explicit attention (what bf16 runs on the CPU, faster here) computes what the fused SDPA kernel
+    does: values and gradients in fp32, with and without the relative-position bias; in bf16 on the CPU
+    ``attention`` takes it and stays close to fp32."""
     import torch.nn.functional as F
 
     from training.models import layers
@@ -273,7 +274,7 @@ def test_cpu_attention_matches_sdpa(with_bias):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(4, 3, 26, 16, generator=g, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 3, 26, 26, generator=g) if with_bias else None
-    out = layers.attention(q, k, v, bias)
+    out = layers.explicit_attention(q, k, v, bias)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
@@ -283,3 +284,4 @@ def test_cpu_attention_matches_sdpa(with_bias):
     low_bias = None if bias is None else bias.bfloat16()
     low = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), low_bias)
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1
+    assert torch.equal(low, layers.explicit_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), low_bias))

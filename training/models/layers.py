@@ -86,20 +86,15 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-# "explicit" | "sdpa": how :func:`attention` runs on the CPU (the bench flips it to compare both)
+# "explicit" | "sdpa": how :func:`attention` runs bf16/fp16 on the CPU (the bench flips it to compare both)
 CPU_ATTENTION = "explicit"
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v over [B, H, T, d] heads.
-
-    On the CPU this is written out (two batched matmuls and a softmax), as the official BEiT/CAE code
-    does: for the short sequences of this project's models (26-50 tokens; also at 197) PyTorch's CPU
-    flash kernel is 1.5-4x slower forward + backward in bf16, and the bf16 training step 1.36-1.43x
-    slower (``bench/train_throughput.py --compare-attention``). GPUs and ONNX export keep
-    ``scaled_dot_product_attention`` (fused kernels there; the exported graphs stay as they were)."""
-    if q.device.type != "cpu" or CPU_ATTENTION == "sdpa" or torch.onnx.is_in_onnx_export():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v written out (two batched matmuls and a softmax), as the official
+    BEiT/CAE code computes it."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
         scores = scores + bias
@@ -107,6 +102,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropo
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
     return probs @ v
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Multi-head attention over [B, H, T, d] heads, with an optional additive ``bias``.
+
+    bf16/fp16 on the CPU runs :func:`explicit_attention`: for the short sequences of this project's models
+    (26-50 tokens; also at 197) PyTorch's CPU flash kernel is 1.5-4x slower forward + backward there, and
+    the bf16 training step 1.26-1.43x slower (``bench/train_throughput.py --compare-attention``). fp32 on
+    the CPU (where the fused kernel measured 1.08-1.25x faster), GPUs and ONNX export keep
+    ``scaled_dot_product_attention`` (the exported graphs stay as they were)."""
+    explicit = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    if not explicit or CPU_ATTENTION == "sdpa" or torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    return explicit_attention(q, k, v, bias, dropout_p)
 
 
 class Attention(nn.Module):
