@@ -5,12 +5,14 @@ of the model's own width), so the step's FLOP/s reads as a fraction of what the 
 
     python bench/train_throughput.py fmnist_cae [--batch 256] [--steps 5] [--set model.overrides.depth=8]
     python bench/train_throughput.py fmnist_cae_ct --batch 256 --threads 1
+    python bench/train_throughput.py fmnist_cae --batch 256 --compare-attention --compile   # CPU variants
     python bench/train_throughput.py cae_base_800e --batch 64 --device cuda     # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from training.config import load_config  # noqa: E402
-from training.engine import build_model, cpu_has_amx_or_bf16  # noqa: E402
+from training.engine import build_model, build_optimizer, compile_blocks, cpu_has_amx_or_bf16  # noqa: E402
 
 _logger = logging.getLogger("bench")
 
@@ -89,8 +91,12 @@ def measure(
         from training.instance import ProjectionHead
 
         head = ProjectionHead(model.embed_dim, cfg.instance.hidden_dim, cfg.instance.proj_dim).to(device)
-    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    # the training's own optimizer (fused AdamW, its parameter groups) when the config is given
+    opt = (
+        build_optimizer(model, cfg, device, extra=head)
+        if cfg is not None
+        else torch.optim.AdamW(model.parameters(), lr=1e-4)
+    )
     c = model.cfg
     x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=device)
     nm = int(round(mask_ratio * c.num_patches))
@@ -140,6 +146,7 @@ def main() -> int:
         help="CPU: also time each precision with torch's fused SDPA kernel instead of the explicit "
         "attention the models use on the CPU (training.models.layers.CPU_ATTENTION), interleaved",
     )  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="also time the step with runtime.compile's blocks")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,12 +168,19 @@ def main() -> int:
     precisions = [("fp32", "fp32", None), *((("bf16 autocast", "bf16", low),) if low is not None else ())]
     compare = args.compare_attention and device.type == "cpu"
     kinds = ["explicit", "sdpa"] if compare else [layers.CPU_ATTENTION]
+    variants = [(kind, model) for kind in kinds]
+    if args.compile:  # a copy with every block compiled, as runtime.compile trains (compiled in warm-up)
+        compiled = copy.deepcopy(model)
+        compile_blocks(compiled)
+        variants.append(("compiled", compiled))
+        # and the whole forward compiled as one graph (masking gathers, embedding, heads fused too)
+        variants.append(("compiled-model", torch.compile(copy.deepcopy(model))))
     rows = []
     for name, prec, dt in precisions:
-        for kind in kinds:  # interleaved: both attention forms of one precision back to back
-            layers.CPU_ATTENTION = kind
-            label = f"{name} [{kind}]" if len(kinds) > 1 else name
-            rate = measure(model, args.batch, args.steps, device, dt, cfg.data.mask_ratio, cfg)
+        for kind, m in variants:  # interleaved: the variants of one precision back to back
+            layers.CPU_ATTENTION = "sdpa" if kind == "sdpa" else "explicit"
+            label = f"{name} [{kind}]" if len(variants) > 1 else name
+            rate = measure(m, args.batch, args.steps, device, dt, cfg.data.mask_ratio, cfg)
             rows.append((label, prec, rate))
     layers.CPU_ATTENTION = "explicit"
     base = rows[0][2]

@@ -46,6 +46,20 @@ def lr_at(step: int, cfg: PretrainConfig, steps_per_epoch: int) -> float:
     return cosine_lr(step, o.lr, total, warmup, o.min_lr, warmup_to_last_step=True)
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """Regional compilation (``runtime.compile``): each transformer block is compiled once and reused; the
+    masking gathers around them stay eager (their sizes depend on the mask). Returns the blocks compiled."""
+    import torch._dynamo
+
+    from .models.layers import Block, RegressorBlock
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    blocks = [m for m in model.modules() if isinstance(m, Block | RegressorBlock)]
+    for mod in blocks:
+        mod.compile()
+    return len(blocks)
+
+
 def build_model(cfg: PretrainConfig) -> CAE:
     """The configured CAE: the official random init, or ``model.init_from``'s weights (same architecture)."""
     model = create_model(cfg.model.name, **cfg.model.overrides)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import data as D
 from .checkpointing import find_resume_checkpoint, load_training_checkpoint, save_checkpoint, set_rng_state
 from .config import ConfigError, PretrainConfig
-from .engine import build_model, build_optimizer, train_one_epoch
+from .engine import build_model, build_optimizer, compile_blocks, train_one_epoch
 from .models import CAE, save_model
 from .preprocess import Preprocessing
 from .runtime import Runtime, seed_everything, setup_runtime
@@ -158,16 +158,7 @@ def wrap_model(model: CAE, cfg: PretrainConfig, rt: Runtime) -> nn.Module:
             ids = [rt.local_rank] if rt.device.type == "cuda" else None
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.runtime.compile:
-        # Regional compilation: each transformer block is compiled once and reused; the masking
-        # gathers around them stay eager (their sizes depend on the mask).
-        import torch._dynamo
-
-        from .models.layers import Block, RegressorBlock
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for mod in model.modules():
-            if isinstance(mod, Block | RegressorBlock):
-                mod.compile()
+        compile_blocks(model)
     return wrapped
 
 
