@@ -86,11 +86,13 @@ def matmul_rate(
 def measure(
     model, batch: int, steps: int, device: torch.device, amp: torch.dtype | None, mask_ratio: float, cfg=None
 ) -> float:
-    head = None
-    if cfg is not None and cfg.instance.kind != "none":
-        from training.instance import ProjectionHead
+    from training.instance import build_instance_head, info_nce, instance_readout_blocks, masked_view_feature
 
-        head = ProjectionHead(model.embed_dim, cfg.instance.hidden_dim, cfg.instance.proj_dim).to(device)
+    head, keep = None, 0
+    if cfg is not None and cfg.instance.kind != "none":  # the preset's own term (its pooling, head width)
+        ic = cfg.instance
+        head = build_instance_head(model, ic.pooling, ic.hidden_dim, ic.proj_dim).to(device)
+        keep = instance_readout_blocks(ic.pooling, model.cfg.depth)
     # the training's own optimizer (fused AdamW, its parameter groups) when the config is given
     opt = (
         build_optimizer(model, cfg, device, extra=head)
@@ -108,13 +110,12 @@ def measure(
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(x, mask)
+            out = model(x, mask, keep_blocks=keep)
         loss = model.forward_loss(out, target)["loss"]
         if head is not None:
-            from training.instance import info_nce
-
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                z1, z2 = head(out.latent_visible[:, 0]), head(model.forward_encoder(x.flip(-1))[:, 0])
+                z1 = head(masked_view_feature(out, model, cfg.instance.pooling))
+                z2 = head(model.forward_readout(x.flip(-1), cfg.instance.pooling))
             loss = loss + info_nce(z1, z2, cfg.instance.temperature)[0]
         loss.backward()
         opt.step()

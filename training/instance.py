@@ -64,6 +64,15 @@ def instance_readout_blocks(pooling: str, depth: int) -> int:
     return n if kind == "last" else 0
 
 
+def build_instance_head(model: CAE, pooling: str, hidden_dim: int, proj_dim: int) -> ProjectionHead:
+    """The projection head for ``pooling``'s readout of ``model`` (its width: :func:`readout_dim`).
+    Raises ValueError for a pooling the instance term cannot use on this depth."""
+    from .models.cae import readout_dim
+
+    instance_readout_blocks(pooling, model.cfg.depth)
+    return ProjectionHead(readout_dim(pooling, model.embed_dim, model.cfg.depth), hidden_dim, proj_dim)
+
+
 def masked_view_feature(out: CAEOutput, model: CAE, pooling: str) -> Tensor:
     """The readout ``pooling`` (cls | mean | lastN, as :meth:`CAE.forward_readout` names them) of the masked
     view that the CAE step already encoded: the visible patches stand in for all of them."""

@@ -190,15 +190,13 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
             raise ConfigError(
                 "instance.kind=contrastive runs in one process only (its head is not wrapped in DDP)"
             )
-        from .instance import ProjectionHead, instance_readout_blocks
-        from .models.cae import readout_dim
+        from .instance import build_instance_head
 
+        ic = cfg.instance
         try:
-            instance_readout_blocks(cfg.instance.pooling, model.cfg.depth)
+            instance_head = build_instance_head(model, ic.pooling, ic.hidden_dim, ic.proj_dim).to(rt.device)
         except ValueError as e:
             raise ConfigError(f"instance.pooling: {e}") from e
-        feat_dim = readout_dim(cfg.instance.pooling, model.embed_dim, model.cfg.depth)
-        instance_head = ProjectionHead(feat_dim, cfg.instance.hidden_dim, cfg.instance.proj_dim).to(rt.device)
     optimizer = build_optimizer(model, cfg, rt.device, extra=instance_head)
     scaler = torch.amp.GradScaler("cuda") if rt.amp_dtype == torch.float16 else None
     writer = MetricsWriter(out_dir, rt.is_main, cfg.runtime.tensorboard)
