@@ -496,3 +496,72 @@ def test_instance_term_on_the_served_lastn_readout(tmp_path, image_folder):
     for bad in ("last99", "cls+mean"):
         with pytest.raises(ConfigError, match="instance.pooling"):
             pretrain(tiny_cfg(image_folder, *common, f"instance.pooling={bad}"), tmp_path / bad)
+
+
+def test_support_queue_is_a_ring_of_normalized_embeddings():
+    from training.instance import SupportQueue
+
+    q = SupportQueue(5, 2)
+    assert not q.full
+    q.push(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    assert not q.full and int(q.pushed) == 3
+    q.push(torch.tensor([[0.0, -1.0], [0.6, 0.8], [0.8, 0.6]]))  # 6 > 5: the oldest row is overwritten
+    assert q.full
+    torch.testing.assert_close(q.feats[0], torch.tensor([0.8, 0.6]))
+    torch.testing.assert_close(q.feats[1], torch.tensor([0.0, 1.0]))
+    nn_ = q.nearest(torch.tensor([[1.0, 0.05], [0.0, -1.0]]))
+    torch.testing.assert_close(nn_, torch.tensor([[0.8, 0.6], [0.0, -1.0]]))
+    with pytest.raises(ValueError, match="queue_size"):
+        SupportQueue(0, 2)
+
+
+def test_nn_info_nce_uses_the_queue_neighbour_as_the_positive():
+    """Plain InfoNCE until the queue is full; then row i's positive is NN(z2_i) against the batch's z1."""
+    import torch.nn.functional as F
+
+    from training.instance import SupportQueue, info_nce, nn_info_nce
+
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    q = SupportQueue(8, 8)
+    loss, _ = nn_info_nce(z1, z2, q, 0.2)
+    torch.testing.assert_close(loss, info_nce(z1, z2, 0.2)[0])
+    nn_info_nce(z1, z2, q, 0.2)  # 8 pushed: full
+    z1n, z2n = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    # the queue now holds z2n twice: NN(z2_i) is z2_i itself, NN(z1_i) the z2 closest to z1_i
+    t = torch.arange(4)
+    nn1 = z2n[(z1n @ z2n.t()).argmax(dim=1)]
+    want = 0.5 * (F.cross_entropy(z2n @ z1n.t() / 0.2, t) + F.cross_entropy(nn1 @ z2n.t() / 0.2, t))
+    z1g = z1.clone().requires_grad_()
+    loss, acc = nn_info_nce(z1g, z2, q, 0.2)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert z1g.grad is not None and z1g.grad.abs().sum() > 0 and 0.0 <= float(acc) <= 1.0
+
+
+def test_nn_contrastive_term_trains_and_resumes_with_its_queue(tmp_path, image_folder):
+    common = ["optim.epochs=2", "instance.kind=nn_contrastive", "instance.hidden_dim=32", "instance.proj_dim=16",
+              "instance.queue_size=16", "runtime.save_every_steps=2"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    pretrain(tiny_cfg(image_folder, *common), full)
+    ck = torch.load(sorted(full.glob("checkpoint-*.pth"))[-1], weights_only=False)
+    assert ck["instance_head"]["queue.feats"].shape == (16, 16) and int(ck["instance_head"]["queue.pushed"]) > 32
+    pretrain(tiny_cfg(image_folder, *common, "runtime.max_steps=4"), part)
+    pretrain(tiny_cfg(image_folder, *common), part, resume=True)
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(a) == sorted(b) and all(a[s] == b[s] for s in a)  # the queue came back with the head
+    with pytest.raises(ConfigError, match="queue_size"):
+        pretrain(tiny_cfg(image_folder, *common[:4], "instance.queue_size=1"), tmp_path / "bad")
+
+
+def test_fashion_mnist_val_holds_out_the_end_of_the_train_split(tmp_path, monkeypatch):
+    from tests.helpers import make_fake_fmnist
+    from training import data as D
+
+    monkeypatch.setattr(D, "FMNIST_VAL_SIZE", 5)
+    root = make_fake_fmnist(tmp_path / "fm", n_train=12, n_test=8)
+    tr, va = (D.build_source(f"fashion-mnist-val:{root}", s) for s in ("train", "test"))
+    full = D.build_source(f"fashion-mnist:{root}", "train")
+    assert len(tr) == 7 and len(va) == 5 and va.classes == full.classes
+    assert np.array_equal(np.asarray(va[0][0]), np.asarray(full[7][0])) and va[0][1] == full[7][1]
+    assert np.array_equal(np.asarray(tr[6][0]), np.asarray(full[6][0]))

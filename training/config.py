@@ -77,12 +77,15 @@ class OptimSection:
 class InstanceSection:
     """Instance-level term beside the CAE loss (off in the official presets)."""
 
-    kind: str = "none"  # none | contrastive (InfoNCE: masked view's cls vs a second unmasked view's)
+    # none | contrastive (InfoNCE: masked view's readout vs a second unmasked view's) | nn_contrastive
+    # (MAE-CT/NNCLR: the positive is the other view's nearest neighbour in a queue of queue_size embeddings)
+    kind: str = "none"
     weight: float = 1.0
     temperature: float = 0.2
     pooling: str = "cls"  # cls | mean | lastN (e.g. last4, the served readout: last N blocks' cls + mean)
     hidden_dim: int = 1024
     proj_dim: int = 128
+    queue_size: int = 16384  # nn_contrastive's support set (about a quarter of Fashion-MNIST)
 
 
 @dataclass
@@ -278,8 +281,15 @@ def validate(cfg: PretrainConfig) -> None:
         problems.append(f"runtime.precision must be auto|fp32|bf16|fp16, got {r.precision!r}")
     if r.device not in ("auto", "cpu", "cuda"):
         problems.append(f"runtime.device must be auto|cpu|cuda, got {r.device!r}")
-    if cfg.instance.kind not in ("none", "contrastive"):
-        problems.append(f"instance.kind must be 'none' or 'contrastive', got {cfg.instance.kind!r}")
+    if cfg.instance.kind not in ("none", "contrastive", "nn_contrastive"):
+        problems.append(
+            f"instance.kind must be 'none', 'contrastive' or 'nn_contrastive', got {cfg.instance.kind!r}"
+        )
+    if cfg.instance.kind == "nn_contrastive" and cfg.instance.queue_size < cfg.optim.batch_size:
+        problems.append(
+            f"instance.queue_size must be >= optim.batch_size ({cfg.optim.batch_size}) for nn_contrastive, "
+            f"got {cfg.instance.queue_size}"
+        )
     pool = cfg.instance.pooling
     last_n = pool.startswith("last") and pool[4:].isdigit() and int(pool[4:]) >= 1
     if not (pool in ("cls", "mean") or last_n):

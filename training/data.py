@@ -36,6 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FMNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FMNIST_STD = (0.3530, 0.3530, 0.3530)
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_VAL_SIZE = 10_000  # fashion-mnist-val: held out from the end of the train split
 FMNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -121,6 +122,12 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[i], mode="L").convert("RGB"), int(self.labels[i])
+
+    def take(self, rows: slice) -> FashionMNIST:
+        """A view of ``rows`` (e.g. the validation hold-out of the train split), same class list."""
+        out = object.__new__(FashionMNIST)
+        out.images, out.labels = self.images[rows], self.labels[rows]
+        return out
 
 
 class ImageFolderDataset(Dataset):
@@ -263,10 +270,16 @@ class ShiftedDataset(Dataset):
 
 def build_source(dataset: str, split: str = "train") -> Dataset:
     """``fashion-mnist[:ROOT]``, ``fashion-mnist-shifted[:ROOT]`` (the train split as is, the test split
-    through :class:`ShiftedDataset`), ``imagefolder:PATH`` (``PATH/train``, ``PATH/val`` when present)."""
+    through :class:`ShiftedDataset`), ``fashion-mnist-val[:ROOT]`` (train split minus its last 10k -> those
+    10k, for choosing recipes without touching the test set), ``imagefolder:PATH`` (``PATH/train``, ``PATH/val`` when present)."""
     kind, _, arg = dataset.partition(":")
     if kind == "fashion-mnist":
         return FashionMNIST(arg or FMNIST_DIR, split="train" if split == "train" else "test")
+    if kind == "fashion-mnist-val":
+        # recipe selection without the test set: the train split's last FMNIST_VAL_SIZE images are held out
+        full = FashionMNIST(arg or FMNIST_DIR, split="train")
+        cut = len(full) - FMNIST_VAL_SIZE
+        return full.take(slice(0, cut) if split == "train" else slice(cut, None))
     if kind == "fashion-mnist-shifted":
         if split == "train":
             return FashionMNIST(arg or FMNIST_DIR, split="train")
@@ -277,7 +290,10 @@ def build_source(dataset: str, split: str = "train") -> Dataset:
         root = Path(arg)
         sub = root / ("train" if split == "train" else "val")
         return ImageFolderDataset(sub if sub.is_dir() else root)
-    raise DataError(f"unknown dataset {dataset!r}; use fashion-mnist, imagefolder:PATH or webdataset:SHARDS")
+    raise DataError(
+        f"unknown dataset {dataset!r}; use fashion-mnist, fashion-mnist-shifted, fashion-mnist-val, "
+        "imagefolder:PATH or webdataset:SHARDS"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- transforms

@@ -119,13 +119,17 @@ def _instance_loss(
 ) -> dict[str, torch.Tensor]:
     """InfoNCE between the masked view's pooled feature (already encoded by the CAE step) and the pooled
     feature of the second, unmasked view."""
-    from .instance import info_nce, masked_view_feature
+    from .instance import info_nce, masked_view_feature, nn_info_nce
 
     ic = cfg.instance
     with amp:
         z1 = head(masked_view_feature(out, model, ic.pooling))
         z2 = head(model.forward_readout(images2, ic.pooling))
-    loss, acc = info_nce(z1, z2, ic.temperature)
+    queue = getattr(head, "queue", None)
+    if ic.kind == "nn_contrastive" and queue is not None:
+        loss, acc = nn_info_nce(z1, z2, queue, ic.temperature)
+    else:
+        loss, acc = info_nce(z1, z2, ic.temperature)
     return {"loss_instance": ic.weight * loss, "instance_acc": acc}
 
 

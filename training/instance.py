@@ -5,6 +5,11 @@ SimCLR/MSN-style term: a readout (``instance.pooling``: cls, mean, or the served
 view the CAE step already encodes is contrasted (InfoNCE through a projection head) against the same
 readout of a second, independently augmented, unmasked view of the same image. The masked view acts as a
 strong augmentation (as in MSN), so the extra cost is one unmasked encoder pass per sample.
+
+``instance.kind=nn_contrastive`` is MAE-CT's choice (NNCLR's loss): each view's positive is the nearest
+neighbour of the other view's embedding in a support queue of recent unmasked-view embeddings, so images
+that the encoder already finds alike are pulled together (what a kNN readout rewards), not only two
+crops of one image. Until the queue is full the plain InfoNCE is used.
 """
 
 from __future__ import annotations
@@ -21,11 +26,41 @@ if TYPE_CHECKING:
     from .models.cae import CAE, CAEOutput
 
 
-class ProjectionHead(nn.Module):
-    """SimCLR's 3-layer MLP with batch norm; only used for the loss, never exported."""
+class SupportQueue(nn.Module):
+    """NNCLR's support set: the last ``size`` unmasked-view embeddings (L2-normalized, float32, no grad).
+    Buffers, so a checkpoint of the head carries it and ``--resume`` continues with the same neighbours."""
 
-    def __init__(self, dim: int, hidden_dim: int = 1024, out_dim: int = 128) -> None:
+    def __init__(self, size: int, dim: int) -> None:
         super().__init__()
+        if size < 1:
+            raise ValueError(f"instance.queue_size must be >= 1, got {size}")
+        self.register_buffer("feats", torch.zeros(size, dim))
+        self.register_buffer("pushed", torch.zeros((), dtype=torch.long))  # embeddings pushed so far
+
+    @property
+    def full(self) -> bool:
+        return int(self.pushed) >= self.feats.shape[0]
+
+    @torch.no_grad()
+    def nearest(self, z: Tensor) -> Tensor:
+        """Each row of ``z`` (normalized) replaced by its nearest (cosine) queue entry."""
+        return self.feats[(z @ self.feats.t()).argmax(dim=1)]
+
+    @torch.no_grad()
+    def push(self, z: Tensor) -> None:
+        size, b = self.feats.shape[0], z.shape[0]
+        rows = (torch.arange(b, device=z.device) + int(self.pushed)) % size
+        self.feats[rows[-size:]] = z[-size:].to(self.feats.dtype)
+        self.pushed += b
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's 3-layer MLP with batch norm; only used for the loss, never exported. ``queue``: the support
+    set of the nearest-neighbour variant (None for plain InfoNCE)."""
+
+    def __init__(self, dim: int, hidden_dim: int = 1024, out_dim: int = 128, queue_size: int = 0) -> None:
+        super().__init__()
+        self.queue = SupportQueue(queue_size, out_dim) if queue_size else None
         self.net = nn.Sequential(
             nn.Linear(dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),
@@ -54,6 +89,24 @@ def info_nce(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor
     return loss, acc
 
 
+def nn_info_nce(z1: Tensor, z2: Tensor, queue: SupportQueue, temperature: float) -> tuple[Tensor, Tensor]:
+    """NNCLR's symmetric loss: row i of ``z1`` must pick, among the batch's ``z2``, the one whose image
+    gave the support neighbour NN(z2_i) ... and vice versa; then the ``z2`` embeddings join the queue.
+    Plain :func:`info_nce` until the queue is full. Returns (loss, top-1 accuracy)."""
+    z1n, z2n = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
+    if not queue.full:
+        loss, acc = info_nce(z1n, z2n, temperature)
+    else:
+        targets = torch.arange(z1.shape[0], device=z1.device)
+        logits_a = queue.nearest(z2n) @ z1n.t() / temperature  # NN(z2_i) . z1_j
+        logits_b = queue.nearest(z1n) @ z2n.t() / temperature
+        loss = 0.5 * (F.cross_entropy(logits_a, targets) + F.cross_entropy(logits_b, targets))
+        with torch.no_grad():
+            acc = (logits_a.argmax(dim=1) == targets).float().mean()
+    queue.push(z2n.detach())
+    return loss, acc
+
+
 def instance_readout_blocks(pooling: str, depth: int) -> int:
     """How many of the last blocks' outputs the masked view must keep for ``pooling`` (0 unless lastN)."""
     from .models.cae import parse_readout
@@ -64,13 +117,17 @@ def instance_readout_blocks(pooling: str, depth: int) -> int:
     return n if kind == "last" else 0
 
 
-def build_instance_head(model: CAE, pooling: str, hidden_dim: int, proj_dim: int) -> ProjectionHead:
-    """The projection head for ``pooling``'s readout of ``model`` (its width: :func:`readout_dim`).
+def build_instance_head(
+    model: CAE, pooling: str, hidden_dim: int, proj_dim: int, queue_size: int = 0
+) -> ProjectionHead:
+    """The projection head for ``pooling``'s readout of ``model`` (its width: :func:`readout_dim`), with a
+    support queue of ``queue_size`` embeddings for the nearest-neighbour variant (0: none).
     Raises ValueError for a pooling the instance term cannot use on this depth."""
     from .models.cae import readout_dim
 
     instance_readout_blocks(pooling, model.cfg.depth)
-    return ProjectionHead(readout_dim(pooling, model.embed_dim, model.cfg.depth), hidden_dim, proj_dim)
+    width = readout_dim(pooling, model.embed_dim, model.cfg.depth)
+    return ProjectionHead(width, hidden_dim, proj_dim, queue_size=queue_size)
 
 
 def masked_view_feature(out: CAEOutput, model: CAE, pooling: str) -> Tensor:

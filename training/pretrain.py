@@ -188,13 +188,16 @@ def pretrain(cfg: PretrainConfig, output_dir: str | Path, resume: bool = False) 
     if cfg.instance.kind != "none":
         if rt.distributed:
             raise ConfigError(
-                "instance.kind=contrastive runs in one process only (its head is not wrapped in DDP)"
+                f"instance.kind={cfg.instance.kind} runs in one process only (its head is not wrapped in DDP)"
             )
         from .instance import build_instance_head
 
         ic = cfg.instance
         try:
-            instance_head = build_instance_head(model, ic.pooling, ic.hidden_dim, ic.proj_dim).to(rt.device)
+            queue = ic.queue_size if ic.kind == "nn_contrastive" else 0
+            instance_head = build_instance_head(
+                model, ic.pooling, ic.hidden_dim, ic.proj_dim, queue_size=queue
+            ).to(rt.device)
         except ValueError as e:
             raise ConfigError(f"instance.pooling: {e}") from e
     optimizer = build_optimizer(model, cfg, rt.device, extra=instance_head)

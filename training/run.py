@@ -182,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--protocol", required=True, choices=["knn", "linear", "attentive", "finetune"])
     e.add_argument(
-        "--dataset", default="fashion-mnist", help="fashion-mnist | imagefolder:PATH (PATH/train, PATH/val)"
+        "--dataset",
+        default="fashion-mnist",
+        help="fashion-mnist | fashion-mnist-shifted (smaller, off-centre test garments) | fashion-mnist-val "
+        "(50k train -> the train split's last 10k, for recipe selection) | imagefolder:PATH (PATH/train, PATH/val)",
     )
     e.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="protocol hyper-parameters"

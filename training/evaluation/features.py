@@ -64,7 +64,7 @@ class DataSpec:
 
 def parse_dataset(dataset: str) -> DataSpec:
     kind, _, arg = dataset.partition(":")
-    if kind in ("fashion-mnist", "fashion-mnist-shifted"):
+    if kind in ("fashion-mnist", "fashion-mnist-shifted", "fashion-mnist-val"):
         return DataSpec(dataset, "fashion-mnist", Path(arg).resolve() if arg else D.FMNIST_DIR)
     if kind == "imagefolder":
         if not arg:
@@ -76,7 +76,8 @@ def parse_dataset(dataset: str) -> DataSpec:
         return DataSpec(f"imagefolder:{root}", kind, root)
     raise EvalError(
         f"unknown dataset {dataset!r}; use fashion-mnist[:ROOT], fashion-mnist-shifted[:ROOT] (test garments "
-        "smaller and off-centre) or imagefolder:PATH"
+        "smaller and off-centre), fashion-mnist-val[:ROOT] (the train split's last 10k held out) or "
+        "imagefolder:PATH"
     )
 
 
