@@ -540,12 +540,13 @@ def test_nn_info_nce_uses_the_queue_neighbour_as_the_positive():
 
 
 def test_nn_contrastive_term_trains_and_resumes_with_its_queue(tmp_path, image_folder):
-    common = ["optim.epochs=2", "instance.kind=nn_contrastive", "instance.hidden_dim=32", "instance.proj_dim=16",
-              "instance.queue_size=16", "runtime.save_every_steps=2"]  # fmt: skip
+    common = ["optim.epochs=2", "instance.kind=nn_contrastive", "instance.hidden_dim=32",
+              "instance.proj_dim=16", "instance.queue_size=16", "runtime.save_every_steps=2"]  # fmt: skip
     full, part = tmp_path / "full", tmp_path / "part"
     pretrain(tiny_cfg(image_folder, *common), full)
     ck = torch.load(sorted(full.glob("checkpoint-*.pth"))[-1], weights_only=False)
-    assert ck["instance_head"]["queue.feats"].shape == (16, 16) and int(ck["instance_head"]["queue.pushed"]) > 32
+    head = ck["instance_head"]
+    assert head["queue.feats"].shape == (16, 16) and int(head["queue.pushed"]) > 32
     pretrain(tiny_cfg(image_folder, *common, "runtime.max_steps=4"), part)
     pretrain(tiny_cfg(image_folder, *common), part, resume=True)
     a, b = train_losses(full), train_losses(part)

@@ -271,7 +271,8 @@ class ShiftedDataset(Dataset):
 def build_source(dataset: str, split: str = "train") -> Dataset:
     """``fashion-mnist[:ROOT]``, ``fashion-mnist-shifted[:ROOT]`` (the train split as is, the test split
     through :class:`ShiftedDataset`), ``fashion-mnist-val[:ROOT]`` (train split minus its last 10k -> those
-    10k, for choosing recipes without touching the test set), ``imagefolder:PATH`` (``PATH/train``, ``PATH/val`` when present)."""
+    10k, for choosing recipes without touching the test set), ``imagefolder:PATH`` (``PATH/train``,
+    ``PATH/val`` when present)."""
     kind, _, arg = dataset.partition(":")
     if kind == "fashion-mnist":
         return FashionMNIST(arg or FMNIST_DIR, split="train" if split == "train" else "test")

@@ -139,6 +139,8 @@ def masked_view_feature(out: CAEOutput, model: CAE, pooling: str) -> Tensor:
         return out.latent_visible[:, 1:].mean(dim=1)
     n = instance_readout_blocks(pooling, model.cfg.depth)
     if len(out.visible_blocks) != n:
-        raise ValueError(f"instance.pooling={pooling} needs the last {n} blocks of the masked view, "
-                         f"got {len(out.visible_blocks)} (CAE.forward keep_blocks)")
+        raise ValueError(
+            f"instance.pooling={pooling} needs the last {n} blocks of the masked view, "
+            f"got {len(out.visible_blocks)} (CAE.forward keep_blocks)"
+        )
     return torch.cat([block_readout(model.encoder.norm(t)) for t in out.visible_blocks], dim=-1)

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         default="fashion-mnist",
         help="fashion-mnist | fashion-mnist-shifted (smaller, off-centre test garments) | fashion-mnist-val "
-        "(50k train -> the train split's last 10k, for recipe selection) | imagefolder:PATH (PATH/train, PATH/val)",
+        "(50k train -> the train split's last 10k, for recipe selection) | imagefolder:PATH "
+        "(PATH/train, PATH/val)",
     )
     e.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="protocol hyper-parameters"
