@@ -167,7 +167,7 @@ def check_parity(
                 refs = [model.forward_features(x).numpy(), model.forward_block_readouts(x).numpy()]
             else:
                 out = model(torch.from_numpy(feed["images"]), torch.from_numpy(feed["mask"]))
-                refs = [out.pred.numpy()]
+                refs = [out.predictions(model).numpy()]
         if len(outs) != len(refs):
             raise ExportError(f"{onnx_path.name}: {len(outs)} outputs, PyTorch gives {len(refs)}")
         for ours, ref in zip(outs, refs, strict=True):

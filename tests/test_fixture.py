@@ -71,4 +71,6 @@ def test_fixture_pos_tables_equal_rebuilt(official_fixture_dir):
     )
     for key in ("encoder.pos_embed", "rd_pos_embed"):
         ours = build_2d_sincos_position_embedding(8, 96)
-        assert torch.equal(ours, ck["model"][key]), key
+        # same float32 ops in the same order: bit-identical where the fixture was made (AVX-512); torch's
+        # vectorized sin/cos differ by at most 1 ulp on other vector units (AVX2: 112 of 6240 entries)
+        torch.testing.assert_close(ours, ck["model"][key], rtol=0, atol=6e-8, msg=key)

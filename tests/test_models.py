@@ -285,3 +285,61 @@ def test_cpu_attention_matches_sdpa(with_bias):
     low = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), low_bias)
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max() < 0.1
     assert torch.equal(low, layers.explicit_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), low_bias))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk", [None, 3, 7, 1000])
+def test_linear_cross_entropy_matches_materialized_logits(with_bias, chunk):
+    """Loss, accuracy and the gradients of input, weight and bias equal F.cross_entropy on h @ W.T + b,
+    for chunks that do and do not divide the rows; no grads are built when none are needed."""
+    import torch.nn.functional as F
+
+    from training.models.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(20, 6, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(11, 6).requires_grad_()
+    b = torch.randn(11).requires_grad_() if with_bias else None
+    labels = torch.randint(0, 11, (20,))
+    labels[:5] = F.linear(h, w, b)[:5].argmax(-1)  # some rows right, so the accuracy is not trivially 0
+    ref_logits = F.linear(h, w, b)
+    ref = F.cross_entropy(ref_logits, labels)
+    ref_acc = (ref_logits.argmax(-1) == labels).float().mean()
+    params = [h, w] + ([b] if b is not None else [])
+    ref_grads = torch.autograd.grad(ref * 3.0, params)
+    loss, acc = linear_cross_entropy(h, w, b, labels, chunk)
+    torch.testing.assert_close(loss, ref)
+    assert float(acc) == float(ref_acc) and float(acc) >= 0.25 and not acc.requires_grad
+    for got, want in zip(torch.autograd.grad(loss * 3.0, params), ref_grads, strict=True):
+        torch.testing.assert_close(got, want)  # the upstream gradient (3.0) is applied
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, b, labels, chunk)[0], ref.detach())
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(h, w, b, labels[:-1])
+
+
+def test_forward_without_head_gives_the_same_loss_and_grads():
+    """CAE.forward(head=False) leaves the vocabulary head to forward_loss (fused with the cross-entropy):
+    same losses, same gradients everywhere as the materialized logits; pixel targets too."""
+    for target, tokens_dim in (("dalle", 64), ("pixel", None)):
+        torch.manual_seed(0)
+        model = CAE(CAEConfig(**tiny_overrides(target=target, vocab_size=64, drop_path_rate=0.0)))
+        b, n = 3, model.cfg.num_patches
+        images, mask = torch.randn(b, 3, model.cfg.img_size, model.cfg.img_size), random_mask(b, n, n // 2)
+        target_t = torch.randint(0, tokens_dim, (b, n)) if tokens_dim else images
+        grads = []
+        for head in (True, False):
+            model.zero_grad()
+            out = model(images, mask, head=head)
+            assert (out.pred is None) == (not head) and (out.decoded is None) == head
+            assert out.predictions(model).shape[:2] == (b, n // 2)
+            losses = model.forward_loss(out, target_t)
+            losses["loss"].backward()
+            got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+            grads.append(({k: v.detach() for k, v in losses.items()}, got))
+        (la, ga), (lb, gb) = grads
+        assert la.keys() == lb.keys() and ga.keys() == gb.keys()
+        for k in la:
+            torch.testing.assert_close(la[k], lb[k], msg=f"{target} {k}")
+        for k in ga:
+            torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=f"{target} {k}")

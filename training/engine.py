@@ -168,6 +168,9 @@ def train_one_epoch(
     step = start_step
     micro = 0
     amp = autocast(rt.device, rt.amp_dtype)
+    # fp32 with DALL-E targets: the vocabulary head runs fused with the loss (never materializing the
+    # [B*Nm, 8192] logits, linear_cross_entropy); under autocast the head keeps its low-precision GEMM
+    head = not (core.cfg.target == "dalle" and rt.amp_dtype is None)
     keep_blocks = 0
     if instance_head is not None:
         from .instance import instance_readout_blocks
@@ -187,7 +190,7 @@ def train_one_epoch(
         sync = contextlib.nullcontext() if (last_micro or not hasattr(model, "no_sync")) else model.no_sync()
         with sync:
             with amp:
-                out = model(batch["images"], batch["mask"], keep_blocks=keep_blocks)
+                out = model(batch["images"], batch["mask"], keep_blocks=keep_blocks, head=head)
             losses = core.forward_loss(out, target)
             if instance_head is not None:
                 extra = _instance_loss(out, core, instance_head, batch["images2"], cfg, amp)

@@ -100,7 +100,7 @@ class TorchBackend(Backend):
                 blocks = every_output and len(self._embed_outputs) > 1
                 outs = model.forward_embed(images) if blocks else (model.forward_features(images),)
             elif task == "reconstruct":
-                outs = (model(images, torch.from_numpy(inputs["mask"]).to(self.device)).pred,)
+                outs = (model.forward_pred(images, torch.from_numpy(inputs["mask"]).to(self.device)),)
             else:
                 raise BackendUnavailable(f"the torch backend has no task {task}")
         return [o.float().cpu().numpy() for o in outs]

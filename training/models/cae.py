@@ -31,6 +31,7 @@ from .layers import (
     build_2d_sincos_position_embedding,
     drop_path_rates,
 )
+from .losses import linear_cross_entropy
 
 __all__ = ["CAE", "CAEConfig", "CAEOutput", "Encoder", "patchify", "unpatchify"]
 
@@ -144,11 +145,22 @@ class CAEOutput:
     latent_visible: Tensor  # [B, 1+Nv, D] encoder output incl. cls, after the final norm
     latent_pred: Tensor  # [B, Nm, Dd] regressor output after its norm
     latent_target: Tensor  # [B, Nm, Dd] encoder on the masked patches, no grad (projected if Dd != D)
-    pred: Tensor  # [B, Nm, vocab] token logits or [B, Nm, p*p*C] pixel predictions
+    # [B, Nm, vocab] token logits or [B, Nm, p*p*C] pixel predictions; None when CAE.forward(head=False)
+    # left the head to forward_loss (``decoded`` then holds its input)
+    pred: Tensor | None
     mask: Tensor  # [B, N] bool, as given
     # pre-norm outputs of the last ``keep_blocks`` blocks on cls + the visible patches, oldest first (only
     # when asked: the instance-level term on a ``lastN`` readout of the masked view)
     visible_blocks: list[Tensor] = field(default_factory=list)
+    decoded: Tensor | None = None  # [B, Nm, Dd] the decoder's normed output (the head's input), head=False
+
+    def predictions(self, model: CAE) -> Tensor:
+        """``pred``, computing it from ``decoded`` through ``model``'s head when forward skipped it."""
+        if self.pred is not None:
+            return self.pred
+        if self.decoded is None:
+            raise ValueError("CAEOutput has neither pred nor decoded")
+        return model.decoder.head(self.decoded)
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
@@ -380,10 +392,14 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(dd, eps=cfg.norm_eps)
         self.head = nn.Linear(dd, cfg.pred_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The head's input: the blocks, then the norm."""
         for blk in self.decoder_blocks:
             x = blk(x)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
 
 
 class CAE(nn.Module):
@@ -539,11 +555,13 @@ class CAE(nn.Module):
         target = self.encoder.encode_tokens(tokens, mask_indices(mask)[1])[:, 1:]
         return self._project(target).detach()
 
-    def forward_decoder(self, latent_pred: Tensor, mask: Tensor) -> Tensor:
-        """Pretext predictions for the masked patches: [B, Nm, vocab] logits or [B, Nm, p*p*C] pixels."""
+    def forward_decoder(self, latent_pred: Tensor, mask: Tensor, head: bool = True) -> Tensor:
+        """Pretext predictions for the masked patches: [B, Nm, vocab] logits or [B, Nm, p*p*C] pixels
+        (``head=False``: the head's input [B, Nm, Dd])."""
         msk_idx = mask_indices(mask)[1]
         pos = self.rd_pos_embed[:, 1:].to(latent_pred.dtype).expand(latent_pred.shape[0], -1, -1)
-        return self.decoder(latent_pred + _gather_tokens(pos, msk_idx))
+        x = latent_pred + _gather_tokens(pos, msk_idx)
+        return self.decoder(x) if head else self.decoder.forward_features(x)
 
     def _require_pretext(self) -> None:
         if self.cfg.encoder_only:
@@ -552,9 +570,14 @@ class CAE(nn.Module):
                 "regressor or decoder; use forward_features / forward_pooled"
             )
 
-    def forward(self, images: Tensor, mask: Tensor | None, keep_blocks: int = 0) -> CAEOutput:
+    def forward(
+        self, images: Tensor, mask: Tensor | None, keep_blocks: int = 0, head: bool = True
+    ) -> CAEOutput:
         """``keep_blocks``: also return the pre-norm outputs of the last N encoder blocks on the visible
-        tokens (``CAEOutput.visible_blocks``), for a ``lastN`` readout of the masked view."""
+        tokens (``CAEOutput.visible_blocks``), for a ``lastN`` readout of the masked view.
+        ``head=False`` (training with DALL-E targets): stop before the decoder's head (``pred`` None,
+        ``decoded`` set) so that ``forward_loss`` runs head and cross-entropy fused, never materializing
+        the [B*Nm, vocab] logits."""
         if mask is None:
             raise ValueError("CAE.forward needs a mask; use forward_features(images) for plain features")
         self._require_pretext()
@@ -566,8 +589,10 @@ class CAE(nn.Module):
         else:
             latent_target = self.forward_target(images, mask, tokens=tokens)
             latent_pred = self.forward_regressor(latent_visible, mask)
-            pred = self.forward_decoder(latent_pred, mask)
-            out = CAEOutput(latent_visible, latent_pred, latent_target, pred, mask)
+            dec = self.forward_decoder(latent_pred, mask, head=head)
+            out = CAEOutput(latent_visible, latent_pred, latent_target, dec if head else None, mask)
+            if not head:
+                out.decoded = dec
         out.visible_blocks = blocks
         return out
 
@@ -578,7 +603,7 @@ class CAE(nn.Module):
         vis_idx, msk_idx = mask_indices(mask)
         latent_visible = self.encoder.encode_tokens(self.encoder.embed(images), vis_idx)
         if self.cfg.arch == "mae":
-            return self._forward_mae(latent_visible, mask, vis_idx, msk_idx).pred
+            return self._forward_mae(latent_visible, mask, vis_idx, msk_idx).predictions(self)
         return self.forward_decoder(self.forward_regressor(latent_visible, mask), mask)
 
     def _forward_mae(
@@ -623,15 +648,18 @@ class CAE(nn.Module):
                 raise ValueError(
                     f"token targets must be [B, N] = {tuple(mask.shape)}, got {tuple(target.shape)}"
                 )
-            labels = _gather_tokens(target.unsqueeze(-1), mask_indices(mask)[1]).squeeze(-1)
-            logits = out.pred.float().flatten(0, 1)
-            labels = labels.flatten()
-            loss_main = F.cross_entropy(logits, labels)
-            with torch.no_grad():
-                acc = (logits.argmax(-1) == labels).float().mean()
+            labels = _gather_tokens(target.unsqueeze(-1), mask_indices(mask)[1]).squeeze(-1).flatten()
+            if out.pred is None and out.decoded is not None:  # head and loss fused (forward head=False)
+                h = self.decoder.head
+                loss_main, acc = linear_cross_entropy(out.decoded.flatten(0, 1), h.weight, h.bias, labels)
+            else:
+                logits = out.predictions(self).float().flatten(0, 1)
+                loss_main = F.cross_entropy(logits, labels)
+                with torch.no_grad():
+                    acc = (logits.argmax(-1) == labels).float().mean()
         else:
             tgt = self.pixel_targets(target, mask)
-            loss_main = F.mse_loss(out.pred.float(), tgt)
+            loss_main = F.mse_loss(out.predictions(self).float(), tgt)
             acc = None
         if out.latent_pred.shape[-1] == 0:  # MAE-style ablation: nothing to align
             loss_align = loss_main.new_zeros(())

@@ -39,7 +39,8 @@ def build_2d_sincos_position_embedding(
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     if embed_dim % 4 != 0:
         raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos table, got {embed_dim}")
-    # Same float32 arithmetic and op order as the reference, so the table is bit-identical.
+    # Same float32 arithmetic and op order as the reference, so the table is bit-identical on the same
+    # vector unit (torch's vectorized sin/cos differ by 1 ulp between AVX2 and AVX-512).
     grid_r = torch.arange(gh, dtype=torch.float32)
     grid_c = torch.arange(gw, dtype=torch.float32)
     rows, cols = torch.meshgrid(grid_r, grid_c, indexing="ij")
