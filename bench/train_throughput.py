@@ -49,13 +49,16 @@ def train_flops_per_image(model, mask_ratio: float) -> float:
     return 3 * (enc + reg + dec) + target
 
 
-def instance_flops_per_image(model, hidden: int, proj: int) -> float:
+def instance_flops_per_image(model, hidden: int, proj: int, pooling: str = "cls") -> float:
     """The instance term: one unmasked encoder pass on the second view (forward + backward) and the
-    projection head on both views."""
+    projection head on both views (its input is the pooling's readout: 2*N*D wide for lastN)."""
+    from training.models.cae import readout_dim
+
     c = model.cfg
     d, t = c.embed_dim, 1 + c.num_patches
     block = 2 * t * d * d * 4 + 2 * t * d * int(d * c.mlp_ratio) * 2 + 2 * 2 * t * t * d
-    head = 2 * (d * hidden + hidden * hidden + hidden * proj)
+    width = readout_dim(pooling, d, c.depth)
+    head = 2 * (width * hidden + hidden * hidden + hidden * proj)
     return 3 * (c.depth * block + 2 * head)
 
 
@@ -158,7 +161,8 @@ def main() -> int:
         _logger.info("(DALL-E targets: random token ids stand in for the tokenizer, which is not timed)")
     flops = train_flops_per_image(model, cfg.data.mask_ratio)
     if cfg.instance.kind != "none":
-        flops += instance_flops_per_image(model, cfg.instance.hidden_dim, cfg.instance.proj_dim)
+        ic = cfg.instance
+        flops += instance_flops_per_image(model, ic.hidden_dim, ic.proj_dim, ic.pooling)
     low = torch.bfloat16 if device.type == "cuda" or cpu_has_amx_or_bf16() else None
     d, tokens = model.cfg.embed_dim, args.batch * (1 + model.cfg.num_patches // 2)
     peaks = {}  # the hardware's dense rate here, measured now: square and model-shaped (tokens x D x 4D)

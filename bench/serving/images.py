@@ -74,5 +74,3 @@ def make_png(size: int, source: str, seed: int = 0) -> tuple[bytes, str]:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue(), what
-
-
