@@ -219,3 +219,21 @@ def test_default_bundle_dense_graphs_match_their_heads(task):
     for a, b in zip(outs, ref, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_a_variant_that_misses_its_bound_is_left_out_not_fatal(tmp_path, monkeypatch):
+    """An int8 graph below its cosine bound is dropped from its task with the reason in spec.json; the
+    fp32 graphs and the other variants ship, and the bundle still loads in the service."""
+    import export.onnx_export as X
+    from service.bundle import load_bundle
+
+    monkeypatch.setattr(X, "INT8_MIN_COS", 1.5)  # no int8 graph can reach it
+    model = perturbed(CAEConfig(**tiny_overrides(target="pixel")))
+    ckpt = save_model(model, tmp_path / "tiny.safetensors")
+    spec = export_bundle(ckpt, tmp_path / "out", fp16=True, int8=True)
+    for task in ("embed", "reconstruct"):
+        e = spec["tasks"][task]
+        assert set(e["variants"]) == {"fp16"} and "misses its bound" in e["variants_left_out"]["int8"]
+        assert not (tmp_path / "out" / f"{task}.int8.onnx").exists()
+    validate_spec(json.loads((tmp_path / "out" / "spec.json").read_text()))
+    assert load_bundle(tmp_path / "out").spec["tasks"]["embed"]["file"] == "embed.onnx"
