@@ -20,7 +20,6 @@ Its one CUDA call (``tensor.cuda(device)`` in ``ContextAutoencoderViT.forward``)
 from __future__ import annotations
 
 import argparse
-import argparse as _argparse
 import contextlib
 import copy
 import json
@@ -90,9 +89,9 @@ def build_official(official_dir: Path, fixture: Path) -> nn.Module:
     kw.pop("extra_kwargs_ignored", None)
     if kw.pop("norm_layer", "").startswith("partial(nn.LayerNorm"):
         kw["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
-    ns = _argparse.Namespace(**cfg["args_fields_read_by_model"])
+    ns = argparse.Namespace(**cfg["args_fields_read_by_model"])
     model = ContextAutoencoderViT(**kw, args=ns)
-    torch.serialization.add_safe_globals([_argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
     ck = torch.load(fixture / "official_pretrain_ckpt.pth", map_location="cpu", weights_only=True)
     model.load_state_dict(ck["model"])
     return model
