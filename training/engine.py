@@ -125,8 +125,9 @@ def _instance_loss(
     with amp:
         z1 = head(masked_view_feature(out, model, ic.pooling))
         z2 = head(model.forward_readout(images2, ic.pooling))
+    # the head carries a support queue exactly when instance.kind is nn_contrastive
     queue = getattr(head, "queue", None)
-    if ic.kind == "nn_contrastive" and queue is not None:
+    if queue is not None:
         loss, acc = nn_info_nce(z1, z2, queue, ic.temperature)
     else:
         loss, acc = info_nce(z1, z2, ic.temperature)
