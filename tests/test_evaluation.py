@@ -179,6 +179,16 @@ def test_cache_is_reused(assets: dict[str, Path], monkeypatch: pytest.MonkeyPatc
         _eval(assets, "knn", cache_dir=str(cache), overrides=["crop_pct=1.0"])
 
 
+def test_attentive_budget_check(assets: dict[str, Path]) -> None:
+    """``budget_check=true`` retrains the attentive probe with twice the epochs and reports the move; off
+    by default (it doubles the cost), where the result carries no ``budget_2x``."""
+    plain = _eval(assets, "attentive", overrides=[*FAST["attentive"][:-1], "epochs=2", "threads=1"])
+    assert "budget_2x" not in plain and plain["params"]["epochs"] == 2
+    r = _eval(assets, "attentive", overrides=[*FAST["attentive"], "epochs=2", "budget_check=true"])
+    assert r["budget_2x"]["epochs"] == 4 and r["top1"] == plain["top1"]  # the first probe is unchanged
+    assert r["budget_2x"]["delta_top1"] == pytest.approx(r["budget_2x"]["top1"] - r["top1"])
+
+
 def test_random_checkpoints(assets: dict[str, Path]) -> None:
     a, b, c = (E.resolve_backbone("random:fmnist_cae", s) for s in (0, 0, 1))
     assert a.cfg.img_size == 28 and a.cfg.depth == 6 and a.preprocess["mean"] == list(FMNIST_MEAN)

@@ -82,7 +82,9 @@ class LinearParams(CommonParams):
 
 @dataclass
 class AttentiveParams(CommonParams):
-    epochs: int = 10
+    # converged: on the held-out val split 10 / 20 / 40 / 80 epochs gave 89.31 / 89.78 / 90.02 / 90.00
+    epochs: int = 40
+    budget_check: bool = False  # also train with twice the epochs (doubles the cost): shows convergence
     batch_size: int = 256
     # absolute, not scaled by batch: the official 0.4 is for batch 8192 and is unstable at 256, where
     # anything from 0.03 to 0.1 trains alike
