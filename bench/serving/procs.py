@@ -127,11 +127,29 @@ class ServerProcess:
                 try:
                     proc.wait(wait)
                     _logger.info("%s stopped (exit %s)", self.name, proc.returncode)
+                    _reap_group(proc.pid, self.name)
                     return
                 except subprocess.TimeoutExpired:
                     _logger.warning("%s did not stop after %s in %.0fs", self.name, sig.name, wait)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _reap_group(pgid: int, name: str, timeout: float = 10.0) -> None:
+    """Wait until no process of the group is left: a server's own workers (LitServe's inference processes)
+    can outlive its main process and would take cores from the in-process timing that follows."""
+    t_end = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() > t_end:
+            _logger.warning("%s: processes of its group outlived it; killing them", name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.1)
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
