@@ -182,7 +182,7 @@ def test_cache_is_reused(assets: dict[str, Path], monkeypatch: pytest.MonkeyPatc
 def test_attentive_budget_check(assets: dict[str, Path]) -> None:
     """``budget_check=true`` retrains the attentive probe with twice the epochs and reports the move; off
     by default (it doubles the cost), where the result carries no ``budget_2x``."""
-    plain = _eval(assets, "attentive", overrides=[*FAST["attentive"][:-1], "epochs=2", "threads=1"])
+    plain = _eval(assets, "attentive", overrides=[*FAST["attentive"], "epochs=2"])
     assert "budget_2x" not in plain and plain["params"]["epochs"] == 2
     r = _eval(assets, "attentive", overrides=[*FAST["attentive"], "epochs=2", "budget_check=true"])
     assert r["budget_2x"]["epochs"] == 4 and r["top1"] == plain["top1"]  # the first probe is unchanged

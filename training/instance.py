@@ -93,17 +93,16 @@ def nn_info_nce(z1: Tensor, z2: Tensor, queue: SupportQueue, temperature: float)
     """NNCLR's symmetric loss: row i of ``z1`` must pick, among the batch's ``z2``, the one whose image
     gave the support neighbour NN(z2_i) ... and vice versa; then the ``z2`` embeddings join the queue.
     Plain :func:`info_nce` until the queue is full. Returns (loss, top-1 accuracy)."""
-    if not queue.full:
-        loss, acc = info_nce(z1, z2, temperature)
-        queue.push(F.normalize(z2.detach().float(), dim=-1))
-        return loss, acc
     z1n, z2n = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
-    targets = torch.arange(z1.shape[0], device=z1.device)
-    logits_a = queue.nearest(z2n) @ z1n.t() / temperature  # NN(z2_i) . z1_j
-    logits_b = queue.nearest(z1n) @ z2n.t() / temperature
-    loss = 0.5 * (F.cross_entropy(logits_a, targets) + F.cross_entropy(logits_b, targets))
-    with torch.no_grad():
-        acc = (logits_a.argmax(dim=1) == targets).float().mean()
+    if not queue.full:
+        loss, acc = info_nce(z1n, z2n, temperature)  # its own normalization is a no-op on unit rows
+    else:
+        targets = torch.arange(z1.shape[0], device=z1.device)
+        logits_a = queue.nearest(z2n) @ z1n.t() / temperature  # NN(z2_i) . z1_j
+        logits_b = queue.nearest(z1n) @ z2n.t() / temperature
+        loss = 0.5 * (F.cross_entropy(logits_a, targets) + F.cross_entropy(logits_b, targets))
+        with torch.no_grad():
+            acc = (logits_a.argmax(dim=1) == targets).float().mean()
     queue.push(z2n.detach())
     return loss, acc
 
