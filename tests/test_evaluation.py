@@ -314,6 +314,35 @@ def test_bf16_features_close_to_fp32(assets: dict[str, Path]) -> None:
     assert np.allclose(f32["cls"], f32["tokens"][:, 0], atol=1e-2)
 
 
+def test_block_tokens(assets: dict[str, Path]) -> None:
+    """``token_blocks=n``: each of the last n blocks' tokens through the final norm, concatenated on
+    channels, oldest first; the newest block's slice is the final-norm token grid."""
+    ds = TransformedDataset(
+        ImageFolderDataset(assets["data"] / "val"), EvalTransform(16, IMAGENET_MEAN, (0.2, 0.2, 0.2), 0.875)
+    )
+    sub = torch.utils.data.Subset(ds, list(range(0, 45, 9)))
+    model = tiny_cae()
+    final = E.extract_features(model, sub, tokens=True)["tokens"]
+    two = E.extract_features(model, sub, tokens=True, token_blocks=2)["tokens"]
+    assert final.shape == (5, 17, 32) and two.shape == (5, 17, 64)
+    assert np.array_equal(two[..., 32:], final)
+    assert not np.allclose(two[..., :32], final, atol=1e-2)  # the block before is another feature
+    with pytest.raises(ValueError, match="token_blocks"):
+        model.forward_readouts(torch.zeros(1, 3, 16, 16), ["cls"], token_blocks=model.cfg.depth + 1)
+
+
+def test_attentive_block_tokens(assets: dict[str, Path]) -> None:
+    """``tokens=lastN`` trains the probe on [1+Np, N*D] tokens, cached beside the final-norm grid."""
+    cache = assets["root"] / "cache-block-tokens"
+    r = _eval(
+        assets, "attentive", overrides=[*FAST["attentive"], "epochs=2", "tokens=last2"], cache_dir=str(cache)
+    )
+    assert r["params"]["tokens"] == "last2" and 0 <= r["top1"] <= 100
+    assert len(list(cache.glob("*/tokens-last2.npy"))) == 2 and not list(cache.glob("*/tokens.npy"))
+    with pytest.raises(E.EvalError, match="tokens must be final or lastN"):
+        _eval(assets, "attentive", overrides=[*FAST["attentive"], "tokens=last99"], cache_dir=str(cache))
+
+
 def test_cli_json(assets: dict[str, Path]) -> None:
     cmd = [
         sys.executable, "training/run.py", "eval", "--checkpoint", str(assets["ckpt"]), "--protocol", "knn",

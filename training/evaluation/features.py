@@ -33,6 +33,7 @@ __all__ = [
     "DataSpec",
     "Split",
     "count_classes",
+    "token_blocks",
     "extract_features",
     "get_features",
     "parse_dataset",
@@ -108,6 +109,16 @@ def count_classes(*sources: Dataset, labels: Sequence[np.ndarray] = ()) -> int:
     return max(known + from_labels + [1])
 
 
+def token_blocks(tokens: str, depth: int) -> int:
+    """The attentive probe's token source -> blocks to concatenate: ``final`` (the final-norm tokens,
+    official) -> 0; ``lastN`` (each of the last N blocks' tokens through the final norm) -> N."""
+    if tokens == "final":
+        return 0
+    if tokens.startswith("last") and tokens[4:].isdigit() and 1 <= int(tokens[4:]) <= depth:
+        return int(tokens[4:])
+    raise EvalError(f"tokens must be final or lastN with 1 <= N <= {depth} (e.g. last4), got {tokens!r}")
+
+
 def _feature_file(readout: str) -> str:
     return "feat-" + readout.replace("+", "_") + ".npy"
 
@@ -118,6 +129,7 @@ def extract_features(
     dataset: Dataset,
     *,
     tokens: bool = False,
+    token_blocks: int = 0,
     readouts: Sequence[str] = (),
     batch_size: int = 128,
     num_workers: int = 0,
@@ -131,7 +143,9 @@ def extract_features(
     Returns ``cls`` [N, D] float32 (cls token after the final norm, the linear-probe feature), ``labels``
     [N] int64, each readout of ``readouts`` (:meth:`CAE.forward_readouts`) [N, F] float32 and, with
     ``tokens=True``, ``tokens`` [N, 1+Np, D] float16 (every output token after the final norm, written
-    into a memory map at ``tokens_path`` when given). For :class:`PixelFeatures`, ``cls`` holds the pixels.
+    into a memory map at ``tokens_path`` when given; with ``token_blocks=n``, [N, 1+Np, n*D]: the tokens
+    of each of the last n blocks through the final norm, concatenated on channels). For
+    :class:`PixelFeatures`, ``cls`` holds the pixels.
     """
     device = torch.device(device)
     model = model.to(device).eval()
@@ -149,7 +163,7 @@ def extract_features(
             feats, outs = None, {"cls": model(images)}
         else:
             with autocast(device, amp_dtype):
-                feats, outs = model.forward_readouts(images, ["cls", *extra])
+                feats, outs = model.forward_readouts(images, ["cls", *extra], token_blocks=token_blocks)
             feats = feats.float()
         b = images.shape[0]
         for name, v in outs.items():
@@ -188,7 +202,7 @@ def get_features(
     backbone: Backbone,
     spec: DataSpec,
     split: str,
-    need_tokens: bool,
+    tokens: str | None,
     readouts: Sequence[str],
     params: CommonParams,
     transform: D.EvalTransform,
@@ -215,8 +229,11 @@ def get_features(
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     entry = cache_dir / key
     readouts = [r for r in dict.fromkeys(readouts) if r != "cls"]
+    need_tokens = tokens is not None
     kinds = ["cls", "labels"] + (["tokens"] if need_tokens else []) + readouts
     files = {k: entry / (_feature_file(k) if k in readouts else f"{k}.npy") for k in kinds}
+    if tokens is not None and tokens != "final":
+        files["tokens"] = entry / f"tokens-{tokens}.npy"
     meta_path = entry / "meta.json"  # written last: its presence marks a complete entry
     if meta_path.exists() and all(p.exists() for p in files.values()):
         _logger.info("%s features (%s): cached in %s", split, "+".join(kinds[:1] + kinds[2:]), entry)
@@ -230,7 +247,7 @@ def get_features(
     if idx is not None:
         ds = Subset(ds, idx.tolist())
     entry.mkdir(parents=True, exist_ok=True)
-    kind_name = "+".join(["cls"] + (["tokens"] if need_tokens else []) + readouts)
+    kind_name = "+".join(["cls"] + ([f"tokens({tokens})"] if need_tokens else []) + readouts)
     _logger.info("extracting %s %s features of %d images with %s", split, kind_name, len(ds), backbone.spec)
     with (
         contextlib.ExitStack() as stack
@@ -240,6 +257,7 @@ def get_features(
             backbone.model(),
             ds,
             tokens=need_tokens,
+            token_blocks=token_blocks(tokens, backbone.cfg.depth) if tokens is not None else 0,
             readouts=readouts,
             batch_size=params.extract_batch_size,
             num_workers=params.num_workers,

@@ -84,6 +84,10 @@ class LinearParams(CommonParams):
 class AttentiveParams(CommonParams):
     # converged: on the held-out val split 10 / 20 / 40 / 80 epochs gave 89.31 / 89.78 / 90.02 / 90.00
     epochs: int = 40
+    # the tokens attended over: final (every token after the final norm, official) | lastN (each of the
+    # last N blocks' tokens through the final norm, concatenated on channels: the probe sees [1+Np, N*D],
+    # as DINOv2's linear probe concatenates blocks)
+    tokens: str = "final"
     budget_check: bool = False  # also train with twice the epochs (doubles the cost): shows convergence
     batch_size: int = 256
     # absolute, not scaled by batch: the official 0.4 is for batch 8192 and is unstable at 256, where

@@ -20,7 +20,7 @@ from ..models import parse_readout, readout_dim
 from ..runtime import auto_threads, cpu_threads, resolve_device, resolve_precision
 from .attentive import run_attentive
 from .backbone import Backbone, pixel_backbone, resolve_backbone
-from .features import DEFAULT_CACHE_DIR, DataSpec, Split, get_features, parse_dataset
+from .features import DEFAULT_CACHE_DIR, DataSpec, Split, get_features, parse_dataset, token_blocks
 from .finetune import run_finetune
 from .knn import run_knn
 from .linear import run_linear
@@ -66,10 +66,12 @@ def _dispatch(
     readouts = [feature] if feature else []
     if protocol in ("knn", "linear"):
         readouts = list(dict.fromkeys([*readouts, "mean", "cls+mean", f"last{min(4, backbone.cfg.depth)}"]))
-    need_tokens = protocol == "attentive"
+    tokens = getattr(params, "tokens", "final") if protocol == "attentive" else None
+    if tokens is not None:
+        token_blocks(tokens, backbone.cfg.depth)  # a bad value fails before any extraction
     args = (params, transform, preprocess, amp, dev, cache)
-    tr = get_features(backbone, spec, "train", need_tokens, readouts, *args)
-    te = get_features(backbone, spec, "test", need_tokens, readouts, *args)
+    tr = get_features(backbone, spec, "train", tokens, readouts, *args)
+    te = get_features(backbone, spec, "test", tokens, readouts, *args)
     if tr.classes and te.classes and tr.classes != te.classes:
         raise EvalError(f"train and test splits have different classes: {tr.classes[:5]} vs {te.classes[:5]}")
     nc = max(tr.num_classes, te.num_classes)
@@ -98,8 +100,8 @@ def _dispatch(
         }
     if getattr(params, "baseline", False):
         pix = pixel_backbone(backbone)
-        ptr = get_features(pix, spec, "train", False, [], *args)
-        pte = get_features(pix, spec, "test", False, [], *args)
+        ptr = get_features(pix, spec, "train", None, [], *args)
+        pte = get_features(pix, spec, "test", None, [], *args)
         pparams = dataclasses.replace(params, feature="cls")  # type: ignore[call-arg]
         base = head(pparams, ptr, pte)
         res["baseline_pixels"] = {

@@ -506,10 +506,16 @@ class CAE(nn.Module):
         """
         return self.forward_readouts(images, (readout,))[1][readout]
 
-    def forward_readouts(self, images: Tensor, readouts: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        """One encoder pass for several readouts: (final-norm tokens [B, 1+N, D], {name: [B, F]})."""
+    def forward_readouts(
+        self, images: Tensor, readouts: Sequence[str], token_blocks: int = 0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One encoder pass for several readouts: (tokens, {name: [B, F]}). The tokens are the final-norm
+        tokens [B, 1+N, D], or with ``token_blocks=n`` those of each of the last n blocks through the final
+        norm, concatenated on channels [B, 1+N, n*D], oldest block first (the attentive probe's ``lastN``)."""
         parsed = {r: parse_readout(r, self.cfg.depth) for r in readouts}
-        deepest = max((n for kind, n in parsed.values() if kind == "last"), default=0)
+        if not 0 <= token_blocks <= self.cfg.depth:
+            raise ValueError(f"token_blocks must lie in [0, {self.cfg.depth}], got {token_blocks}")
+        deepest = max([n for kind, n in parsed.values() if kind == "last"] + [token_blocks])
         x, inter = self.encoder.forward_intermediates(self.encoder.embed(images), None, range(-deepest, 0))
         cls, mean = x[:, 0], x[:, 1:].mean(dim=1)
         out: dict[str, Tensor] = {}
@@ -520,6 +526,8 @@ class CAE(nn.Module):
                 )
             else:
                 out[r] = cls if kind == "cls" else mean if kind == "mean" else torch.cat([cls, mean], dim=-1)
+        if token_blocks:
+            x = torch.cat([self.encoder.norm(t) for t in inter[deepest - token_blocks :]], dim=-1)
         return x, out
 
     def forward_embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
