@@ -265,6 +265,25 @@ def test_attentive_probe_shapes() -> None:
     assert torch.allclose(one, probe(tokens)[:1], atol=1e-5)
 
 
+@pytest.mark.parametrize("num_heads", [1, 2, 4])
+def test_attentive_single_query_matches_cross_attention(num_heads: int) -> None:
+    """The probe's single-query path (projections moved across the attention sums) computes what the
+    generic cross-attention computes, values and gradients."""
+    torch.manual_seed(0)
+    block = E.AttentiveBlock(64, num_heads)
+    for p in block.parameters():  # non-trivial LNs and biases, so that every term is exercised
+        torch.nn.init.normal_(p, std=0.3)
+    q, kv = torch.randn(5, 1, 64, requires_grad=True), torch.randn(5, 23, 64, requires_grad=True)
+    fast = block(q, kv)
+    ref = block.cross_attn(block.norm1_q(q), block.norm1_k(kv), block.norm1_v(kv))
+    assert fast.shape == ref.shape == (5, 1, 64)
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+    g_fast = torch.autograd.grad(fast.square().sum(), [q, kv, *block.parameters()])
+    g_ref = torch.autograd.grad(ref.square().sum(), [q, kv, *block.parameters()])
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
 def test_finetune_layer_decay_groups() -> None:
     model = E.FinetuneClassifier(tiny_cae().encoder, num_classes=3)
     groups = E.finetune_param_groups(model, weight_decay=0.05, layer_decay=0.5)

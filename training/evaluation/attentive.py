@@ -35,7 +35,27 @@ class AttentiveBlock(nn.Module):
         self.cross_attn = CrossAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
 
     def forward(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
+        if x_q.shape[1] == 1:
+            return self.forward_single_query(x_q, x_kv)
         return self.cross_attn(self.norm1_q(x_q), self.norm1_k(x_kv), self.norm1_v(x_kv))
+
+    def forward_single_query(self, x_q: Tensor, x_kv: Tensor) -> Tensor:
+        """The same function for one query, with the key and value projections moved to the other side of
+        the attention sums: q.(W_k x_t) = (W_k^T q).x_t, and sum_t a_t (W_v x_t + b) = W_v (sum_t a_t x_t)
+        + b. That is O(T H D + D^2) per image instead of O(T D^2): ~50x fewer FLOPs with 50 tokens, which
+        is what makes probes on wide (``tokens=lastN``) grids affordable on a CPU."""
+        ca = self.cross_attn
+        h, hd = ca.num_heads, ca.head_dim
+        dim = x_kv.shape[-1]
+        k_in, v_in = self.norm1_k(x_kv), self.norm1_v(x_kv)  # [B, T, D]
+        q = F.linear(self.norm1_q(x_q[:, 0]), ca.q.weight, ca.q_bias).view(-1, h, hd)  # [B, H, hd]
+        qk = torch.einsum("bhe,hed->bhd", q, ca.k.weight.view(h, hd, dim)) * hd**-0.5  # [B, H, D]
+        attn = torch.einsum("bhd,btd->bht", qk, k_in).softmax(dim=-1)
+        pooled = torch.einsum("bht,btd->bhd", attn, v_in)  # [B, H, D]
+        out = torch.einsum("bhd,hed->bhe", pooled, ca.v.weight.view(h, hd, dim)).reshape(-1, 1, h * hd)
+        if ca.v_bias is not None:  # the attention weights sum to one, so the bias passes through
+            out = out + ca.v_bias
+        return ca.proj(out)
 
 
 class AttentiveProbe(nn.Module):
