@@ -362,6 +362,22 @@ def test_attentive_block_tokens(assets: dict[str, Path]) -> None:
         _eval(assets, "attentive", overrides=[*FAST["attentive"], "tokens=last99"], cache_dir=str(cache))
 
 
+def test_attentive_tokens_follow_the_default_readout(assets: dict[str, Path]) -> None:
+    """``tokens`` unset: the blocks of the checkpoint's default readout (what /embed serves), else final."""
+    from training.models.checkpoint import convert_checkpoint
+
+    over = [*FAST["attentive"], "epochs=1", "limit_train=20", "limit_test=10"]
+    plain = _eval(assets, "attentive", overrides=over)
+    assert plain["params"]["tokens"] == "final"
+    ckpt = assets["root"] / "readout-last2.safetensors"
+    convert_checkpoint(assets["ckpt"], ckpt, readout="last2")
+    r = _eval(assets, "attentive", checkpoint=ckpt, overrides=over)
+    assert r["params"]["tokens"] == "last2"
+    assert _eval(assets, "attentive", checkpoint=ckpt, overrides=[*over, "tokens=final"])["params"][
+        "tokens"
+    ] == ("final")
+
+
 def test_cli_json(assets: dict[str, Path]) -> None:
     cmd = [
         sys.executable, "training/run.py", "eval", "--checkpoint", str(assets["ckpt"]), "--protocol", "knn",

@@ -86,8 +86,10 @@ class AttentiveParams(CommonParams):
     epochs: int = 40
     # the tokens attended over: final (every token after the final norm, official) | lastN (each of the
     # last N blocks' tokens through the final norm, concatenated on channels: the probe sees [1+Np, N*D],
-    # as DINOv2's linear probe concatenates blocks)
-    tokens: str = "final"
+    # as DINOv2's linear probe concatenates blocks); None: the blocks of the checkpoint's default readout
+    # (lastN -> lastN, cls/mean -> final). On the held-out val split, shipped model, 20 epochs: last4
+    # 90.35 vs final 89.78
+    tokens: str | None = None
     budget_check: bool = False  # also train with twice the epochs (doubles the cost): shows convergence
     batch_size: int = 256
     # absolute, not scaled by batch: the official 0.4 is for batch 8192 and is unstable at 256, where

@@ -157,6 +157,10 @@ def run_eval(
             raise EvalError(
                 f"feature must be a readout of this {backbone.cfg.depth}-block encoder: {e}"
             ) from e
+    if hasattr(params, "tokens") and params.tokens is None:
+        # the blocks the checkpoint's default readout reads (last4 -> the last 4 blocks' tokens), else final
+        kind, n = parse_readout(backbone.readout or "cls", backbone.cfg.depth)
+        params.tokens = f"last{n}" if kind == "last" else "final"
     crop_pct = params.crop_pct if params.crop_pct is not None else spec.default_crop_pct
     preprocess = {**backbone.preprocess, "crop_pct": crop_pct}
     if preprocess["interpolation"] != "bicubic":
