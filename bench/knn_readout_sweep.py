@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.evaluation import DEFAULT_CACHE_DIR, resolve_backbone  # noqa: E402
+from training.evaluation.common import pct, topk_correct  # noqa: E402
 from training.evaluation.knn import knn_classify  # noqa: E402
 
 _logger = logging.getLogger("bench.knn_readout_sweep")
@@ -59,7 +60,7 @@ def variants(x: np.ndarray, depth: int) -> dict[str, np.ndarray]:
 
 def top1(tr: np.ndarray, ytr: np.ndarray, te: np.ndarray, yte: np.ndarray, nc: int) -> float:
     scores = knn_classify(torch.from_numpy(tr), torch.from_numpy(ytr), torch.from_numpy(te), nc)
-    return round(100.0 * float((scores.argmax(1).numpy() == yte).mean()), 2)
+    return pct(topk_correct(scores, torch.from_numpy(yte), ks=(1,))[0], len(yte))
 
 
 def main() -> None:

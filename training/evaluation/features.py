@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import data as D
 from ..files import atomic_path, save_npy_atomic, write_text_atomic
-from ..models import CAE
+from ..models import CAE, parse_readout
 from ..runtime import autocast
 from ..tracking import Progress
 from .backbone import Backbone, PixelFeatures
@@ -114,8 +114,11 @@ def token_blocks(tokens: str, depth: int) -> int:
     official) -> 0; ``lastN`` (each of the last N blocks' tokens through the final norm) -> N."""
     if tokens == "final":
         return 0
-    if tokens.startswith("last") and tokens[4:].isdigit() and 1 <= int(tokens[4:]) <= depth:
-        return int(tokens[4:])
+    if tokens.startswith("last"):
+        try:
+            return parse_readout(tokens, depth)[1]
+        except ValueError:
+            pass
     raise EvalError(f"tokens must be final or lastN with 1 <= N <= {depth} (e.g. last4), got {tokens!r}")
 
 

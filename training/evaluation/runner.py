@@ -66,9 +66,7 @@ def _dispatch(
     readouts = [feature] if feature else []
     if protocol in ("knn", "linear"):
         readouts = list(dict.fromkeys([*readouts, "mean", "cls+mean", f"last{min(4, backbone.cfg.depth)}"]))
-    tokens = getattr(params, "tokens", "final") if protocol == "attentive" else None
-    if tokens is not None:
-        token_blocks(tokens, backbone.cfg.depth)  # a bad value fails before any extraction
+    tokens = getattr(params, "tokens", None) if protocol == "attentive" else None  # resolved by run_eval
     args = (params, transform, preprocess, amp, dev, cache)
     tr = get_features(backbone, spec, "train", tokens, readouts, *args)
     te = get_features(backbone, spec, "test", tokens, readouts, *args)
@@ -161,6 +159,8 @@ def run_eval(
         # the blocks the checkpoint's default readout reads (last4 -> the last 4 blocks' tokens), else final
         kind, n = parse_readout(backbone.readout or "cls", backbone.cfg.depth)
         params.tokens = f"last{n}" if kind == "last" else "final"
+    if hasattr(params, "tokens"):
+        token_blocks(params.tokens, backbone.cfg.depth)  # a bad value fails before any extraction
     crop_pct = params.crop_pct if params.crop_pct is not None else spec.default_crop_pct
     preprocess = {**backbone.preprocess, "crop_pct": crop_pct}
     if preprocess["interpolation"] != "bicubic":
