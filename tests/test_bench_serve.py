@@ -64,7 +64,10 @@ def test_bench_serve_smoke(tmp_path: Path, embed_bundle: Path) -> None:
     t = doc["targets"]
     assert t["high_concurrency"] == 4 and t["low_concurrency"] == 1
     for key in ("server_vs_inprocess", "server_vs_naive", "p50_gap_ms"):
-        assert math.isfinite(t[key]["value"]) and isinstance(t[key]["met"], bool), key
+        assert math.isfinite(t[key]["value"]), key
+    for key in ("server_vs_inprocess", "p50_gap_ms"):
+        assert isinstance(t[key]["met"], bool), key
+    assert t["server_vs_naive"]["met"] is None  # reported, not judged: the issue sets no naive goal
     assert doc["settings"]["torch_imported"] is False  # the benchmark itself never needs torch
 
 
