@@ -78,7 +78,13 @@ def plot_eval_curve(curve: list[dict[str, Any]], out_path: Path, title: str) -> 
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("train loss (epoch mean)")
     ax_acc.plot(epochs, [r["top1"] for r in curve], marker="o", color="tab:green")
-    for e, a in zip(epochs, (r["top1"] for r in curve), strict=True):
+    # label at most ~10 points (long runs' labels overlap), always the last and the best
+    tops = [r["top1"] for r in curve]
+    step = max(1, -(-len(curve) // 10))
+    keep = {i for i in range(len(curve)) if (len(curve) - 1 - i) % step == 0} | {tops.index(max(tops))}
+    for i, (e, a) in enumerate(zip(epochs, tops, strict=True)):
+        if i not in keep:
+            continue
         ax_acc.annotate(
             f"{a:.2f}", (e, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
         )
