@@ -77,16 +77,18 @@ def plot_eval_curve(curve: list[dict[str, Any]], out_path: Path, title: str) -> 
     ax_loss.plot(epochs, [r["train_loss"] for r in curve], marker="o")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("train loss (epoch mean)")
-    ax_acc.plot(epochs, [r["top1"] for r in curve], marker="o", color="tab:green")
-    # label at most ~10 points (long runs' labels overlap), always the last and the best
     tops = [r["top1"] for r in curve]
-    step = max(1, -(-len(curve) // 10))
-    keep = {i for i in range(len(curve)) if (len(curve) - 1 - i) % step == 0} | {tops.index(max(tops))}
-    for i, (e, a) in enumerate(zip(epochs, tops, strict=True)):
-        if i not in keep:
-            continue
+    ax_acc.plot(epochs, tops, marker="o", color="tab:green")
+    # label at most ~10 points (long runs' labels overlap): every step-th back from the last, and the best
+    step = -(-len(curve) // 10)
+    for i in sorted(set(range(len(curve) - 1, -1, -step)) | {tops.index(max(tops))}):
         ax_acc.annotate(
-            f"{a:.2f}", (e, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+            f"{tops[i]:.2f}",
+            (epochs[i], tops[i]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
         )
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test top-1 (%)")
