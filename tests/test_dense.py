@@ -96,6 +96,44 @@ def test_pyramid_shapes(size):
         pyr(torch.randn(1, 3, size + 4, size + 4))
 
 
+@pytest.mark.parametrize("size", [16, 32])
+def test_coarser_pyramid_shapes_and_strides(size):
+    """finest_stride = patch/2: one octave coarser than BEiT's pyramid, the same four block outputs."""
+    cae = tiny_cae().eval()
+    beit, coarse = CAEPyramid(cae.encoder, size).eval(), CAEPyramid(cae.encoder, size, finest_stride=2).eval()
+    x = torch.randn(2, 3, size, size)
+    feats = coarse(x)
+    g = size // 4
+    assert [tuple(f.shape) for f in feats] == [
+        (2, 32, 2 * g, 2 * g),
+        (2, 32, g, g),
+        (2, 32, g // 2, g // 2),
+        (2, 32, g // 4, g // 4),
+    ]
+    assert coarse.strides == [2, 4, 8, 16]
+    with torch.no_grad():  # the same blocks feed both, shallow to fine; the grid level is a block's output
+        for ta, tb in zip(beit.tokens(x), coarse.tokens(x), strict=True):
+            torch.testing.assert_close(ta, tb)
+        grid = coarse.tokens(x)[1].transpose(1, 2).reshape(2, 32, g, g)
+        torch.testing.assert_close(coarse(x)[1], grid)
+    assert CAEPyramid(cae.encoder, size, finest_stride=1).strides == [1, 2, 4, 8]  # = BEiT's, explicitly
+
+
+def test_coarser_pyramid_errors():
+    enc = tiny_cae().encoder
+    with pytest.raises(ValueError, match="patch/4 .* or patch/2"):
+        CAEPyramid(enc, 32, finest_stride=4)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        CAEPyramid(enc, 24, finest_stride=2)  # 6x6 grid: the /4 level would not tile it
+
+
+def test_mask_rcnn_anchors_keep_small_sizes_on_the_coarser_pyramid():
+    enc = tiny_cae().encoder
+    for fs in (None, 2):
+        det = build_mask_rcnn(CAEPyramid(enc, 32, finest_stride=fs), 4, fpn_channels=16, size_divisible=1)
+        assert det.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+
+
 def test_pyramid_matches_encoder_at_the_pretraining_size():
     cae = tiny_cae().eval()
     pyr = CAEPyramid(cae.encoder, 16).eval()
@@ -151,6 +189,9 @@ def test_dense_presets_resolve():
     assert load_dense_config("segment", "fmnist_scenes_upernet").model.head == "upernet"
     assert load_dense_config("segment", "fmnist_scenes_linear").model.head == "linear"
     assert load_dense_config("detect", "fmnist_scenes_maskrcnn").model.head == "maskrcnn"
+    for task, head in (("segment", "upernet"), ("detect", "maskrcnn")):
+        light = load_dense_config(task, f"fmnist_scenes_v2_{head}_light")
+        assert light.model.finest_stride == 2 and light.model.img_size == 96
 
 
 @pytest.mark.parametrize("task,preset,extra,match", [
@@ -163,6 +204,14 @@ def test_dense_presets_resolve():
 def test_dense_config_errors(task, preset, extra, match):
     with pytest.raises(ConfigError, match=match):
         load_dense_config(task, preset, extra)
+
+
+def test_pyramid_settings_that_do_not_fit_the_encoder_are_config_errors():
+    from training.dense.train import assemble_dense_model
+
+    cfg = load_dense_config("segment", None, ["model.img_size=32", "model.finest_stride=3"])
+    with pytest.raises(ConfigError, match="model.finest_stride=3.*patch/4"):
+        assemble_dense_model(cfg, tiny_cae(), 5)
 
 
 # ------------------------------------------------------------------ train -> export -> serve

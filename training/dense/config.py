@@ -32,6 +32,9 @@ class DenseModelSection:
     head: str = "upernet"  # segment: upernet | linear; detect: maskrcnn
     img_size: int = 64  # the dense task's input size (the position table is interpolated to it)
     channels: int = 64  # UperNet channels, or the FPN width for Mask R-CNN
+    # The pyramid's finest stride in pixels: None = patch/4 (BEiT/CAE's x4 x2 x1 /2 of the grid); patch/2
+    # drops one octave (x2 x1 /2 /4), ~2x cheaper per step at patch 4 (the full-resolution level is gone)
+    finest_stride: int | None = None
     drop_path_rate: float = 0.1
     freeze_encoder: bool = False
     # detect: class-agnostic NMS IoU threshold applied to the model's (per-class NMS) outputs in evaluation

@@ -59,7 +59,13 @@ def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
 class CAEPyramid(nn.Module):
     """CAE encoder -> 4 feature maps [B, D, H*4/p, ...], [B, D, H*2/p], [B, D, H/p], [B, D, H/(2p)]."""
 
-    def __init__(self, encoder: Encoder, img_size: int, out_indices: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        img_size: int,
+        out_indices: list[int] | None = None,
+        finest_stride: int | None = None,
+    ) -> None:
         super().__init__()
         cfg = encoder.cfg
         if img_size % cfg.patch_size:
@@ -78,19 +84,32 @@ class CAEPyramid(nn.Module):
         # copy, never the encoder's tensor itself.
         table = resample_abs_pos_embed(encoder.pos_embed, self.grid).clone()
         self.register_buffer("pos_embed", table, persistent=True)
-        self.fpn1 = nn.Sequential(
-            nn.ConvTranspose2d(d, d, 2, 2), nn.BatchNorm2d(d), nn.GELU(), nn.ConvTranspose2d(d, d, 2, 2)
-        )
-        self.fpn2 = nn.ConvTranspose2d(d, d, 2, 2)
-        self.fpn3 = nn.Identity()
-        self.fpn4 = nn.MaxPool2d(2, 2)
+        p = cfg.patch_size
+        beit = p // 4 or 1
+        finest = beit if finest_stride is None else finest_stride
         self.out_channels = [d, d, d, d]
-        self.strides = [
-            cfg.patch_size // 4 or 1,
-            max(cfg.patch_size // 2, 1),
-            cfg.patch_size,
-            cfg.patch_size * 2,
-        ]
+        if finest == beit:  # BEiT/CAE: x4, x2, x1, /2 of the patch grid
+            self.fpn1: nn.Module = nn.Sequential(
+                nn.ConvTranspose2d(d, d, 2, 2), nn.BatchNorm2d(d), nn.GELU(), nn.ConvTranspose2d(d, d, 2, 2)
+            )
+            self.fpn2: nn.Module = nn.ConvTranspose2d(d, d, 2, 2)
+            self.fpn3: nn.Module = nn.Identity()
+            self.fpn4: nn.Module = nn.MaxPool2d(2, 2)
+            self.strides = [beit, max(p // 2, 1), p, p * 2]
+        elif finest == p // 2 and p >= 2:
+            # One octave coarser (x2, x1, /2, /4): for small patches (p=4 puts BEiT's finest level at the
+            # input's full resolution, where the 192-channel maps cost more than the encoder itself).
+            if self.grid[0] % 4 or self.grid[1] % 4:
+                raise ValueError(f"finest_stride {finest} needs a patch grid divisible by 4, got {self.grid}")
+            self.fpn1 = nn.ConvTranspose2d(d, d, 2, 2)
+            self.fpn2 = nn.Identity()
+            self.fpn3 = nn.MaxPool2d(2, 2)
+            self.fpn4 = nn.MaxPool2d(4, 4)
+            self.strides = [p // 2, p, 2 * p, 4 * p]
+        else:
+            raise ValueError(
+                f"finest_stride must be patch/4 ({beit}, BEiT's pyramid) or patch/2 ({p // 2}), got {finest}"
+            )
 
     @property
     def num_layers(self) -> int:
@@ -297,8 +316,10 @@ def build_mask_rcnn(
 
     backbone = _PyramidFPN(pyramid, fpn_channels)
     s = pyramid.img_size
-    # One anchor size per level (5 with the pooled level), twice the level's stride times 4.
-    sizes = tuple((max(8 * st, 4),) for st in [*pyramid.strides, pyramid.strides[-1] * 2])
+    # One anchor size per level (5 with the pooled level): 8 px on the finest, doubling per level, whatever
+    # the finest stride (a coarser pyramid keeps the small anchors that a tenth-of-a-side garment needs).
+    base = pyramid.patch_size // 4 or 1  # BEiT's finest stride
+    sizes = tuple((8 * base * 2**i,) for i in range(5))
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes))
     names = ["0", "1", "2", "3"]
     model = MaskRCNN(

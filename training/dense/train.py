@@ -72,7 +72,11 @@ def assemble_dense_model(cfg: DenseConfig, cae: CAE, num_classes: int) -> nn.Mod
                 mod.drop_prob = p
     if cfg.model.freeze_encoder:
         encoder.requires_grad_(False)
-    pyramid = CAEPyramid(encoder, cfg.model.img_size)
+    try:
+        pyramid = CAEPyramid(encoder, cfg.model.img_size, finest_stride=cfg.model.finest_stride)
+    except ValueError as e:  # img_size / finest_stride against this encoder's patch size
+        m = cfg.model
+        raise ConfigError(f"model.img_size={m.img_size}, model.finest_stride={m.finest_stride}: {e}") from e
     if cfg.task == "segment":
         return CAESegmenter(pyramid, num_classes, head=cfg.model.head, channels=cfg.model.channels)
     return build_mask_rcnn(pyramid, num_classes, fpn_channels=cfg.model.channels, size_divisible=1)
