@@ -33,15 +33,16 @@ N_SCENES = 24  # non-black v2 scenes (canvases 48-256 px, aspect 0.75-1.33, 1-6 
 N_GARMENTS = 30  # single garments, canvases 28..512 px
 N_CANVASES = 10  # garment-free canvases
 
-# Floors (%), a few points under what the first v2 heads measured on this module's scenes through a
-# scratch export of runs/seg_v2 + runs/det_v2 (docs/dense.md; detect score threshold 0.2, NMS 0.5): mIoU
-# 13.95, box AP50 10.39, mask AP50 11.26, background 99.9. They catch a broken export or post-processing,
-# not a good model: raise them with the heads (the bars are mIoU 60, box AP50 70).
-MIOU_FLOOR = 11.0  # segmentation, background + 10 classes, non-black v2 scenes
-BOX_AP50_FLOOR = 7.0  # detection, COCO class-aware box AP50, same scenes
-MASK_AP50_FLOOR = 8.0
-SINGLE_GARMENT_FLOOR = 10.0  # exactly one detection of the right class ("half" placement)
-BACKGROUND_FRACTION_FLOOR = 95.0  # pixels of a garment-free noisy canvas labelled background
+# Floors (%), set under what the shipped v3 heads (runs/seg_v3 + runs/det_v3, docs/dense.md section 0; detect
+# score threshold 0.4, NMS 0.5) measure on this module's scenes through the bundle: mIoU 38.64 (background
+# 98.47), box AP50 57.22, mask AP50 56.48, single garment 50.0 (30 garments: +-9 points of sampling noise),
+# background 99.82 with 0 detections per empty canvas. They catch a broken export, post-processing or a
+# regressed head, with room for the sampling noise of 24 scenes; the bars are mIoU 60, box AP50 70.
+MIOU_FLOOR = 33.0  # segmentation, background + 10 classes, non-black v2 scenes
+BOX_AP50_FLOOR = 50.0  # detection, COCO class-aware box AP50, same scenes
+MASK_AP50_FLOOR = 49.0
+SINGLE_GARMENT_FLOOR = 35.0  # exactly one detection of the right class ("half" placement)
+BACKGROUND_FRACTION_FLOOR = 97.0  # pixels of a garment-free noisy canvas labelled background
 MAX_DETECTIONS_PER_EMPTY_CANVAS = 0.5
 
 pytestmark = pytest.mark.filterwarnings(
