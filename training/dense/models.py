@@ -57,7 +57,9 @@ def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
 
 
 class CAEPyramid(nn.Module):
-    """CAE encoder -> 4 feature maps [B, D, H*4/p, ...], [B, D, H*2/p], [B, D, H/p], [B, D, H/(2p)]."""
+    """CAE encoder -> 4 feature maps [B, D, H*4/p, ...], [B, D, H*2/p], [B, D, H/p], [B, D, H/(2p)] (BEiT's);
+    with ``finest_stride=p/2`` one octave coarser: [B, D, H*2/p], [B, D, H/p], [B, D, H/(2p)],
+    [B, D, H/(4p)]."""
 
     def __init__(
         self,
