@@ -249,6 +249,29 @@ def test_errors(assets: dict[str, Path]) -> None:
     with pytest.raises(E.EvalError, match="cannot read checkpoint"):
         E.resolve_backbone(str(bad))
     assert E.parse_overrides("finetune", ["mixup=0.8", "limit_train=null"]).mixup == 0.8
+    with pytest.raises(E.EvalError, match=r"reprob must be in \[0, 1\], got 1.5"):
+        E.run_eval(str(assets["ckpt"]), "finetune", overrides=["reprob=1.5"])
+
+
+def test_random_erasing() -> None:
+    from training.evaluation.finetune import random_erase
+
+    x = torch.zeros(2000, 3, 28, 28)
+    assert random_erase(x, np.random.default_rng(0), 0.0) is x
+    y = random_erase(x, np.random.default_rng(0), 0.25)
+    assert y.shape == x.shape
+    assert torch.equal(y, random_erase(x, np.random.default_rng(0), 0.25))  # every draw from the rng
+    erased = (y != 0).any(dim=1)  # [B, H, W]
+    hit = erased.flatten(1).any(dim=1)
+    assert 0.21 < hit.float().mean().item() < 0.29
+    for m in erased[hit][:200]:
+        rows, cols = m.any(dim=1).nonzero().flatten(), m.any(dim=0).nonzero().flatten()
+        box = m[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() and int(m.sum()) == box.numel()  # one solid rectangle
+        assert 0.02 * 784 - 30 <= box.numel() <= 784 / 3 + 30  # timm's area range, rounding allowed
+    noise = y[hit]
+    noise = noise[noise != 0]
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1.0) < 0.05
 
 
 def test_attentive_probe_shapes() -> None:

@@ -18,8 +18,9 @@ Differences from the official scripts, on purpose:
 * defaults are sized for small data and a small CPU (epochs, batches), and two learning rates differ:
   linear ``base_lr`` 1.0 (official 0.1 assumes ~7000 LARS steps) and attentive ``lr`` 0.1 (official 0.4
   is for batch 8192). Every one is overridable;
-* fine-tuning uses light augmentation (random crop with padding + flip; mixup/cutmix off unless set)
-  instead of RandAugment, random erasing and mixup 0.8 / cutmix 1.0.
+* fine-tuning uses light augmentation (random crop with padding + flip; random erasing and mixup/cutmix
+  off unless set: ``reprob``, ``mixup``, ``cutmix``) instead of RandAugment, random erasing 0.25 and
+  mixup 0.8 / cutmix 1.0.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from .common import pct, topk_correct
 from .features import DataSpec, count_classes, subset_indices
 from .params import EvalError, FinetuneParams
 
-__all__ = ["FINETUNE_CHECKPOINT", "FinetuneClassifier", "run_finetune"]
+__all__ = ["FINETUNE_CHECKPOINT", "FinetuneClassifier", "random_erase", "run_finetune"]
 
 _logger = logging.getLogger("training.evaluation")
 
@@ -70,11 +70,50 @@ class FinetuneClassifier(nn.Module):
         return self.head(enc.norm(x[:, 1:].mean(dim=1)))
 
 
+def random_erase(
+    x: Tensor,
+    rng: np.random.Generator,
+    prob: float,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    log_aspect: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
+    attempts: int = 10,
+) -> Tensor:
+    """timm's ``RandomErasing(mode='pixel')`` on a normalized batch: each image, with probability
+    ``prob``, gets one rectangle of N(0, 1) noise whose area and aspect are drawn as timm draws them (up
+    to ``attempts`` tries for a rectangle that fits; none fits: the image is left as is). Vectorized over
+    the batch; every draw comes from ``rng``, so a resumed epoch repeats it."""
+    b, c, h, w = x.shape
+    hit = rng.random(b) < prob
+    if not hit.any():
+        return x
+    # draw all attempts at once, keep the first that fits (timm's loop, in array form)
+    target = rng.uniform(area[0], area[1], (b, attempts)) * h * w
+    aspect = np.exp(rng.uniform(log_aspect[0], log_aspect[1], (b, attempts)))
+    eh = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    ew = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (eh < h) & (ew < w)
+    first = fits.argmax(axis=1)
+    hit &= fits.any(axis=1)
+    rows = np.arange(b)
+    eh, ew = np.where(hit, eh[rows, first], 0), np.where(hit, ew[rows, first], 0)
+    top = (rng.random(b) * (h - eh + 1)).astype(np.int64)
+    left = (rng.random(b) * (w - ew + 1)).astype(np.int64)
+    ys, xs = np.arange(h), np.arange(w)
+    inside = (
+        (ys[None, :, None] >= top[:, None, None])
+        & (ys[None, :, None] < (top + eh)[:, None, None])
+        & (xs[None, None, :] >= left[:, None, None])
+        & (xs[None, None, :] < (left + ew)[:, None, None])
+    )  # [B, H, W]
+    noise = torch.from_numpy(rng.standard_normal((b, c, h, w), dtype=np.float32)).to(x.dtype)
+    return torch.where(torch.from_numpy(inside)[:, None], noise, x)
+
+
 def _augment(
     x: Tensor, y: Tensor, rng: np.random.Generator, p: FinetuneParams, fill: Tensor, num_classes: int
 ) -> tuple[Tensor, Tensor]:
-    """Random crop with padding (pixel-0 fill) + horizontal flip, then optional batch mixup/cutmix.
-    Returns images and soft targets (label smoothing included)."""
+    """Random crop with padding (pixel-0 fill) + horizontal flip + optional random erasing, then optional
+    batch mixup/cutmix. Returns images and soft targets (label smoothing included)."""
     b, _, h, w = x.shape
     pad = p.crop_padding if p.crop_padding is not None else max(1, h // 8)
     if pad > 0:
@@ -88,6 +127,8 @@ def _augment(
     if p.hflip > 0:
         flip = torch.from_numpy(rng.random(b) < p.hflip).view(b, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
+    if p.reprob > 0:
+        x = random_erase(x, rng, p.reprob)
     off = p.label_smoothing / num_classes
     target = torch.full((b, num_classes), off).scatter_(1, y[:, None], 1.0 - p.label_smoothing + off)
     use_cutmix = p.cutmix > 0 and (p.mixup <= 0 or rng.random() < 0.5)  # timm's switch_prob 0.5

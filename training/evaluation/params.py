@@ -116,6 +116,9 @@ class FinetuneParams(CommonParams):
     cutmix: float = 0.0  # Beta(alpha, alpha); 0 = off (official 1.0)
     crop_padding: int | None = None  # random-crop padding in pixels; None: img_size // 8
     hflip: float = 0.5
+    # random erasing (timm's RandomErasing, 'pixel' mode: per-pixel N(0, 1) in normalized space, area
+    # 0.02-1/3, aspect 0.3-3.3), per image, before mixup/cutmix; 0 = off (official 0.25)
+    reprob: float = 0.0
     rel_pos_bias: bool = True  # official fine-tuning adds a zero-initialized per-block table
     log_every: int = 50
     eval_every: int = 1  # test top-1 after every N epochs (the curve); 0: after the last only
@@ -212,5 +215,9 @@ def _validate_params(p: CommonParams) -> None:
         problems.append("layer_decay must be in (0, 1]")
     if isinstance(p, FinetuneParams) and p.eval_every < 0:
         problems.append("eval_every must be >= 0")
+    if isinstance(p, FinetuneParams):
+        for name in ("reprob", "hflip"):
+            if not 0 <= getattr(p, name) <= 1:
+                problems.append(f"{name} must be in [0, 1], got {getattr(p, name)}")
     if problems:
         raise EvalError("invalid parameters: " + "; ".join(problems))
