@@ -168,13 +168,13 @@ class Preprocessor:
         """Decoded, upright, in the model's colour mode (full resolution, or a JPEG draft >= 2x the input)."""
         return self._decode(data, label)[0]
 
-    def _decode(self, data: bytes, label: str) -> tuple[Image.Image, tuple[int, int]]:
+    def _decode(self, data: bytes, label: str, draft: bool = True) -> tuple[Image.Image, tuple[int, int]]:
         """The decoded image and the original (width, height), upright: the declared size, which a JPEG
-        decoded in draft mode is smaller than."""
+        decoded in draft mode is smaller than (``draft=False``: always the full resolution)."""
         img = self.open(data, label)
         w, h = img.size
         try:
-            if img.format == "JPEG":
+            if draft and img.format == "JPEG":
                 s = self.spec.size * _DRAFT_GAP
                 img.draft(None, (s, s))
             img.seek(0)  # first frame of GIF / WebP / TIFF
@@ -220,10 +220,17 @@ class Preprocessor:
 
     def process(self, data: bytes, label: str = "image", keep_image: bool = False) -> Decoded:
         """Like calling it, plus the original size (dense heads answer at that size) and, with
-        ``keep_image``, the decoded image (for overlays)."""
+        ``keep_image``, the decoded image at its full resolution (for overlays: a JPEG decoded in draft
+        mode for the model is decoded again in full, ~ the cost of upscaling the draft, so an overlay shows
+        the photo's own pixels; the model input stays the draft's, so the prediction does not depend on
+        whether an overlay was asked for)."""
         img, size = self._decode(data, label)
         try:
-            return Decoded(self.to_array(self.resize(img)), size, img if keep_image else None)
+            arr = self.to_array(self.resize(img))
+            if keep_image and img.size != size:
+                img.close()
+                img = self._decode(data, label, draft=False)[0]
+            return Decoded(arr, size, img if keep_image else None)
         finally:
             if not keep_image:
                 img.close()

@@ -170,6 +170,22 @@ def test_large_jpeg_uses_draft_mode_and_stays_close(pre: Preprocessor) -> None:
     assert np.abs(np.asarray(ours, dtype=int) - np.asarray(full, dtype=int)).mean() < 3
 
 
+def test_kept_image_is_the_full_resolution_decode(pre: Preprocessor) -> None:
+    """An overlay is drawn on the photo's own pixels, not on the model's draft decode scaled back up; the
+    model input is the same whether or not the image is kept."""
+    import io
+
+    data = encode(Image.fromarray(image_array(800, 600, seed=4)), "JPEG", quality=92)
+    kept = pre.process(data, keep_image=True)
+    plain = pre.process(data)
+    assert kept.size == plain.size == (800, 600) and plain.image is None and kept.image is not None
+    assert kept.image.size == (800, 600)
+    np.testing.assert_array_equal(np.asarray(kept.image), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    np.testing.assert_array_equal(kept.array, plain.array)
+    small = encode(Image.fromarray(image_array(40, 30, seed=4)), "PNG")  # no draft: the one decode is kept
+    assert pre.process(small, keep_image=True).image.size == (40, 30)
+
+
 def test_normalization_is_bitwise_the_reference_formula(pre: Preprocessor) -> None:
     arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     ours = pre.to_array(Image.fromarray(arr))
