@@ -180,7 +180,9 @@ def test_kept_image_is_the_full_resolution_decode(pre: Preprocessor) -> None:
     plain = pre.process(data)
     assert kept.size == plain.size == (800, 600) and plain.image is None and kept.image is not None
     assert kept.image.size == (800, 600)
-    np.testing.assert_array_equal(np.asarray(kept.image), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    np.testing.assert_array_equal(
+        np.asarray(kept.image), np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    )
     np.testing.assert_array_equal(kept.array, plain.array)
     small = encode(Image.fromarray(image_array(40, 30, seed=4)), "PNG")  # no draft: the one decode is kept
     assert pre.process(small, keep_image=True).image.size == (40, 30)
