@@ -566,3 +566,25 @@ def test_fashion_mnist_val_holds_out_the_end_of_the_train_split(tmp_path, monkey
     assert len(tr) == 7 and len(va) == 5 and va.classes == full.classes
     assert np.array_equal(np.asarray(va[0][0]), np.asarray(full[7][0])) and va[0][1] == full[7][1]
     assert np.array_equal(np.asarray(tr[6][0]), np.asarray(full[6][0]))
+
+
+def test_progress_rate_and_eta_leave_out_resumed_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run's rate counts only the units this process did, so its ETA is not wildly short."""
+    import logging
+
+    from training import tracking
+
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("test.progress")
+    log.addHandler(Grab())
+    log.setLevel(logging.INFO)
+    p = tracking.Progress("finetune", 1000, unit="step", logger=log, start=500)
+    p.update(600, force=True)  # 100 steps in 10 s after resuming at 500
+    assert lines == ["finetune: 600/1000 step (10.0 step/s, ETA 0:00:40)"], lines

@@ -64,12 +64,13 @@ class MetricsWriter:
 
 
 class Progress:
-    """Rate and ETA log lines, at most every ``LOG_INTERVAL_S`` seconds (plus the last)."""
+    """Rate and ETA log lines, at most every ``LOG_INTERVAL_S`` seconds (plus the last). ``start``: the
+    units already done before this process began (a resumed run), left out of the rate."""
 
     def __init__(
-        self, what: str, total: int, unit: str = "img", logger: logging.Logger | None = None
+        self, what: str, total: int, unit: str = "img", logger: logging.Logger | None = None, start: int = 0
     ) -> None:
-        self.what, self.total, self.unit = what, total, unit
+        self.what, self.total, self.unit, self.start = what, total, unit, start
         self.logger = logger or _logger
         self.t0 = self.last = time.perf_counter()
 
@@ -78,7 +79,7 @@ class Progress:
         if not force and now - self.last < LOG_INTERVAL_S and done < self.total:
             return
         self.last = now
-        rate = done / max(now - self.t0, 1e-9)
+        rate = max(done - self.start, 0) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else 0.0
         self.logger.info(
             "%s: %d/%d %s (%.1f %s/s, ETA %s)%s",

@@ -231,7 +231,7 @@ def run_finetune(
             _logger.info("resume: no %s in %s, starting fresh", FINETUNE_CHECKPOINT, output_dir)
         elif ckpt_path.exists():
             raise EvalError(f"{ckpt_path} exists: pass --resume to continue it, or another --output-dir")
-    progress = Progress("finetune", p.epochs * steps, unit="step", logger=_logger)
+    progress = Progress("finetune", p.epochs * steps, unit="step", logger=_logger, start=start_epoch * steps)
     loss_mean = 0.0  # set by every epoch; a resumed run has at least one left (_restore checks)
     t_start = time.perf_counter()
     for epoch in range(start_epoch, p.epochs):
