@@ -588,3 +588,23 @@ def test_progress_rate_and_eta_leave_out_resumed_units(monkeypatch: pytest.Monke
     p = tracking.Progress("finetune", 1000, unit="step", logger=log, start=500)
     p.update(600, force=True)  # 100 steps in 10 s after resuming at 500
     assert lines == ["finetune: 600/1000 step (10.0 step/s, ETA 0:00:40)"], lines
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "bench").glob("*.sh")), ids=lambda p: p.name)
+def test_bench_shell_scripts_parse_and_name_real_presets(script: Path) -> None:
+    """The prepared GPU/CPU scripts run where there is no second chance (a lent GPU's minutes): they must
+    at least parse, and every preset they pass to --config must load."""
+    import re
+    import subprocess
+
+    from training.config import load_config
+    from training.dense.config import load_dense_config
+
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for task, name in re.findall(r"\b(segment|detect)\s+--config\s+([a-z0-9_]+)", text):
+        load_dense_config(task, name)  # raises ConfigError for a preset that does not exist
+    presets = set(re.findall(r"pretrain\s+--config\s+([a-z0-9_]+)", text))
+    presets |= {p for line in re.findall(r"STAGES=\(([^)]*)\)", text) for p in line.split()}
+    for name in presets:
+        load_config(name)
