@@ -85,12 +85,12 @@ probe fmnist_cae s1
 probe fmnist_cae_ct s2
 read -r E1 E2 E3 < <(python3 - "$W" "$(left)" "${NTRAIN:-60000}" <<'EOF'
 import json, pathlib, sys
+import yaml
 w, left, n = pathlib.Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 def rate(tag: str) -> float:
     rates = []
     for m in sorted(w.glob(f"probe_{tag}_*/metrics.jsonl")):
-        cfg = (m.parent / "config.yaml").read_text()
-        b = int(next(x.split(":")[1] for x in cfg.splitlines() if x.strip().startswith("batch_size:")))
+        b = int(yaml.safe_load((m.parent / "config.yaml").read_text())["optim"]["batch_size"])
         recs = list(map(json.loads, m.read_text().splitlines()))
         ep = [r for r in recs if r.get("kind") == "epoch"]
         first = [r for r in recs if r.get("kind") == "train" and r["epoch"] == 0]
@@ -117,8 +117,8 @@ say "3. pretraining ${#RUNS[@]} chains x ($E1, $E2, $E3) epochs (stages: ${STAGE
 EPOCHS=("$E1" "$E2" "$E3")
 chain() {  # $1 = name, $2 = overrides
   local i init="" ov
+  mapfile -t ov < <(sets "$2")
   for i in 0 1 2; do
-    mapfile -t ov < <(sets "$2")
     [ "$(left)" -lt 170 ] && { echo "no time for stage $((i + 1))"; return; }
     timeout $(($(left) - 160)) python3 training/run.py pretrain --config "${STAGES[$i]}" "${ov[@]}" \
       --set model.init_from="${init:-null}" --set optim.epochs="${EPOCHS[$i]}" \
@@ -163,14 +163,10 @@ evalchain random:fmnist_cae "$W/random" &
 wait
 
 say "5. results"
-for d in "$W"/*/; do
-  for f in "$d"eval_*.json; do
-    [ -s "$f" ] && echo "$(basename "$d") $(basename "$f" .json) $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['top1'])" "$f" 2>/dev/null)"
-  done
+top1() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['top1'])" "$1" 2>/dev/null; }
+for f in "$W"/*/eval_*.json "$W"/ft_*.json; do  # "variant/eval_protocol top1", "ft_name top1"
+  [ -s "$f" ] && rel=${f#"$W"/} && echo "${rel%.json} $(top1 "$f")"
 done | sort | tee "$W/summary.txt"
-for f in "$W"/ft_*.json; do
-  [ -s "$f" ] && echo "$(basename "$f" .json) $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['top1'])" "$f" 2>/dev/null)"
-done | tee -a "$W/summary.txt"
 echo "epochs per stage: $E1 $E2 $E3" >>"$W/summary.txt"
 cd "$W" && tar czf "$OUT/results.tar.gz" --exclude='*/cache' --exclude='*.pth' --exclude='*/model.safetensors' \
   --exclude='probe_*' --exclude='*/final.safetensors' . 2>/dev/null
